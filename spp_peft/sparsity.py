@@ -1,0 +1,377 @@
+"""Sparsity masks: detection, fingerprints, reports and integrity assertions.
+
+This module is the single home of every sparsity idea in the project (the zero set of a weight, its N:M
+pattern, its fingerprint, and the comparison of two zero sets). The SPP tuner, the pruners, the pipeline
+and the tests all call these functions; it imports none of them.
+
+Conventions:
+    * A weight is always looked at as ``(out_features, in_features)``. Weights stored the other way round
+      (GPT-2's ``Conv1D``, ``fan_in_fan_out=True``) are transposed first by :func:`as_out_in`.
+    * "N:M" means *N zeros in every group of M consecutive input weights of a row* (2:4 = 50% sparsity),
+      the convention of NVIDIA's sparse tensor cores, Wanda and SparseGPT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+# The N:M block sizes tried when detecting a pattern (largest ratio wins, ties go to the smaller M).
+NM_BLOCK_SIZES = (4, 8, 16, 32)
+
+
+class SparsityViolation(RuntimeError):
+    """Raised when the zero set of a weight changed where it must not have."""
+
+
+def conv1d_class():
+    """transformers' GPT-2 style ``Conv1D`` (weight stored as ``(in, out)``), or ``None`` if unavailable."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover - transformers is a hard dependency; this guards odd installs
+        return None
+    return Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and transformers' ``Conv1D``: the layers we prune and adapt."""
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def as_out_in(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """View ``weight`` as ``(out_features, in_features)``."""
+    return weight.T if fan_in_fan_out else weight
+
+
+def zero_mask(weight: torch.Tensor) -> torch.Tensor:
+    """The zero set of ``weight``: a bool tensor that is True exactly where the weight is 0."""
+    return weight == 0
+
+
+def mask_fingerprint(mask: torch.Tensor) -> str:
+    """A compact, deterministic fingerprint of a bool mask (shape + sha256 of the packed bits).
+
+    Two masks have the same fingerprint exactly when they have the same shape and the same True entries
+    (up to sha256 collisions). Used to check that an adapter is loaded onto the base it was trained on.
+    """
+    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    packed = (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(mask.shape)).encode())
+    digest.update(packed.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def zeros_per_group(zero_out_in: torch.Tensor, m: int) -> torch.Tensor:
+    """Number of zeros in each block of ``m`` consecutive input weights of each row: ``(out, in // m)``."""
+    rows, cols = zero_out_in.shape
+    if cols % m:
+        raise ValueError(f"in_features={cols} is not divisible by the N:M block size M={m}")
+    return zero_out_in.reshape(rows, cols // m, m).sum(dim=-1)
+
+
+def nm_compliance(zero_out_in: torch.Tensor, n: int, m: int) -> float:
+    """Fraction of the M-blocks of a ``(out, in)`` zero mask that hold at least ``n`` zeros (1.0 = compliant)."""
+    counts = zeros_per_group(zero_out_in, m)
+    return float((counts >= n).float().mean().item()) if counts.numel() else 1.0
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """Parse ``"2:4"`` into ``(2, 4)``, with a clear error for anything else."""
+    try:
+        n_str, m_str = pattern.split(":")
+        n, m = int(n_str), int(m_str)
+    except (ValueError, AttributeError):
+        raise ValueError(f"N:M pattern must look like '2:4', got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
+    return n, m
+
+
+def detect_pattern(zero_out_in: torch.Tensor) -> str:
+    """Name the sparsity pattern of a ``(out, in)`` zero mask: ``"dense"``, ``"N:M"`` or ``"unstructured"``.
+
+    An N:M pattern is reported when every block of M consecutive inputs holds at least N zeros; among the
+    candidate block sizes the one with the largest N/M wins (ties go to the smaller M), so a 2:4 mask is
+    reported as "2:4", not "4:8".
+    """
+    if not bool(zero_out_in.any()):
+        return "dense"
+    best: Optional[tuple[float, int, int]] = None
+    for m in NM_BLOCK_SIZES:
+        if zero_out_in.shape[-1] % m:
+            continue
+        n = int(zeros_per_group(zero_out_in, m).min().item())
+        if n > 0 and (best is None or n / m > best[0]):
+            best = (n / m, n, m)
+    return f"{best[1]}:{best[2]}" if best else "unstructured"
+
+
+@dataclass
+class MaskRecord:
+    """What we know about one weight's zero set: enough to verify it later without storing the mask."""
+
+    shape: list[int]
+    sparsity: float
+    pattern: str
+    fingerprint: str
+
+    @property
+    def is_dense(self) -> bool:
+        return self.pattern == "dense"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "MaskRecord":
+        return cls(
+            shape=list(data["shape"]),
+            sparsity=float(data["sparsity"]),
+            pattern=str(data["pattern"]),
+            fingerprint=str(data["fingerprint"]),
+        )
+
+
+def describe_mask(weight: torch.Tensor, fan_in_fan_out: bool = False) -> MaskRecord:
+    """Record the zero set of ``weight`` (sparsity, pattern along the input dimension, fingerprint)."""
+    zeros = zero_mask(as_out_in(weight.detach(), fan_in_fan_out))
+    return MaskRecord(
+        shape=list(zeros.shape),
+        sparsity=float(zeros.float().mean().item()) if zeros.numel() else 0.0,
+        pattern=detect_pattern(zeros),
+        fingerprint=mask_fingerprint(zeros),
+    )
+
+
+@dataclass
+class ZeroSetChange:
+    """How a weight's zero set changed: entries that were zero and are not (``filled``: always a bug),
+    entries that were non-zero and are now zero (``new_zeros``: fp16/bf16 underflow or a factor of exactly 0)."""
+
+    filled: int
+    new_zeros: int
+
+    @property
+    def unchanged(self) -> bool:
+        return self.filled == 0 and self.new_zeros == 0
+
+
+def compare_zero_sets(zeros_before: torch.Tensor, weight_after: torch.Tensor) -> ZeroSetChange:
+    """Compare a recorded zero mask with a weight of the same layout."""
+    if tuple(zeros_before.shape) != tuple(weight_after.shape):
+        raise ValueError(
+            f"cannot compare zero sets of shapes {tuple(zeros_before.shape)} and {tuple(weight_after.shape)}"
+        )
+    zeros_after = zero_mask(weight_after.detach()).to(zeros_before.device)
+    filled = int((zeros_before & ~zeros_after).sum().item())
+    new_zeros = int((~zeros_before & zeros_after).sum().item())
+    return ZeroSetChange(filled=filled, new_zeros=new_zeros)
+
+
+CHECK_MODES = ("strict", "warn", "off")
+
+
+def enforce_zero_set(name: str, change: ZeroSetChange, mode: str, action: str) -> Optional[str]:
+    """Apply the integrity policy to one weight after ``action`` (e.g. "merge").
+
+    A filled zero is an error in "strict" and "warn" mode (it breaks the sparsity guarantee); a new zero is
+    an error in "strict" mode and a returned message in "warn" mode. "off" checks nothing.
+    """
+    if mode == "off" or change.unchanged:
+        return None
+    if change.filled:
+        raise SparsityViolation(
+            f"{action} of module '{name}' turned {change.filled} zero weight(s) of the pruned base into "
+            f"non-zeros: the sparsity pattern is broken."
+        )
+    message = (
+        f"{action} of module '{name}' turned {change.new_zeros} non-zero weight(s) into exact zeros "
+        f"(dtype underflow or a multiplicative factor of exactly 0); the zero set is no longer the base's."
+    )
+    if mode == "strict":
+        raise SparsityViolation(message + " Pass sparsity_check='warn' to accept this.")
+    return message
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def _strip_wrappers(name: str) -> str:
+    """Names of PEFT-wrapped layers without the wrapper parts, so reports compare across stages."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name.replace(".base_layer", "")
+
+
+def linear_weights(model: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """``{module name: (weight, fan_in_fan_out)}`` for every linear-like layer of a model.
+
+    A mapping of names to 2-D tensors (a state dict) is accepted too: its 2-D ``*.weight`` entries are
+    taken as ``(out, in)`` weights under the name without ``.weight``.
+    """
+    found: dict[str, tuple[torch.Tensor, bool]] = {}
+    if isinstance(model, nn.Module):
+        conv1d = conv1d_class()
+        for name, module in model.named_modules():
+            if not is_linear_like(module):
+                continue
+            fan_in_fan_out = conv1d is not None and isinstance(module, conv1d)
+            found[_strip_wrappers(name)] = (module.weight, fan_in_fan_out)
+        return found
+    for name, tensor in model.items():
+        if name.endswith(".weight") and tensor.dim() == 2:
+            found[_strip_wrappers(name[: -len(".weight")])] = (tensor, False)
+    return found
+
+
+@dataclass
+class LayerSparsity:
+    name: str
+    shape: list[int]
+    zeros: int
+    total: int
+    pattern: str
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.total if self.total else 0.0
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer and total sparsity of a model's linear layers (see :func:`sparsity_report`)."""
+
+    layers: list[LayerSparsity] = field(default_factory=list)
+    expected_pattern: Optional[str] = None
+
+    @property
+    def total_zeros(self) -> int:
+        return sum(layer.zeros for layer in self.layers)
+
+    @property
+    def total_params(self) -> int:
+        return sum(layer.total for layer in self.layers)
+
+    @property
+    def total_sparsity(self) -> float:
+        return self.total_zeros / self.total_params if self.total_params else 0.0
+
+    def compliant(self, pattern: str) -> list[str]:
+        """Names of layers that do NOT comply with ``pattern`` ("2:4" etc.); empty means all comply."""
+        n, m = parse_nm(pattern)
+        failing = []
+        for layer in self.layers:
+            if layer.pattern in ("dense", "unstructured"):
+                failing.append(layer.name)
+                continue
+            ln, lm = parse_nm(layer.pattern)
+            if not (lm == m and ln >= n) and not (m % lm == 0 and ln * (m // lm) >= n):
+                failing.append(layer.name)
+        return failing
+
+    def to_dict(self) -> dict:
+        return {
+            "total_sparsity": self.total_sparsity,
+            "total_zeros": self.total_zeros,
+            "total_params": self.total_params,
+            "expected_pattern": self.expected_pattern,
+            "noncompliant_layers": self.compliant(self.expected_pattern) if self.expected_pattern else [],
+            "layers": [dict(asdict(layer), sparsity=layer.sparsity) for layer in self.layers],
+        }
+
+    def format(self, max_rows: Optional[int] = None) -> str:
+        """A plain-text table, one row per layer plus the total."""
+        rows = self.layers if max_rows is None else self.layers[:max_rows]
+        width = max([len(r.name) for r in rows] + [5])
+        lines = [f"{'layer':<{width}}  {'shape':>13}  {'sparsity':>8}  pattern"]
+        for r in rows:
+            shape = "x".join(str(s) for s in r.shape)
+            lines.append(f"{r.name:<{width}}  {shape:>13}  {r.sparsity:>8.2%}  {r.pattern}")
+        if max_rows is not None and len(self.layers) > max_rows:
+            lines.append(f"... {len(self.layers) - max_rows} more layers")
+        lines.append(f"{'total':<{width}}  {self.total_params:>13,}  {self.total_sparsity:>8.2%}")
+        if self.expected_pattern:
+            bad = self.compliant(self.expected_pattern)
+            lines.append(
+                f"{self.expected_pattern} compliance: "
+                + ("all layers" if not bad else f"{len(bad)} layer(s) fail, first: {bad[0]}")
+            )
+        return "\n".join(lines)
+
+
+def sparsity_report(
+    model: Union[nn.Module, Mapping[str, torch.Tensor]],
+    include: Optional[Iterable[str]] = None,
+    exclude_dense: bool = False,
+    expected_pattern: Optional[str] = None,
+) -> SparsityReport:
+    """Per-layer and total sparsity of the linear layers of ``model`` (an ``nn.Module`` or a state dict).
+
+    Args:
+        model: a model (PEFT-wrapped or not) or a ``{name: tensor}`` mapping.
+        include: substrings; when given, only layers whose name contains one of them are reported
+            (e.g. ``["q_proj", "v_proj"]``).
+        exclude_dense: leave out layers without any zero (embeddings, ``lm_head``...).
+        expected_pattern: an N:M pattern such as ``"2:4"`` to check every reported layer against.
+    """
+    include = list(include) if include is not None else None
+    report = SparsityReport(expected_pattern=expected_pattern)
+    for name, (weight, fan_in_fan_out) in linear_weights(model).items():
+        if include is not None and not any(part in name for part in include):
+            continue
+        zeros = zero_mask(as_out_in(weight.detach(), fan_in_fan_out))
+        count = int(zeros.sum().item())
+        if exclude_dense and count == 0:
+            continue
+        report.layers.append(
+            LayerSparsity(
+                name=name,
+                shape=list(zeros.shape),
+                zeros=count,
+                total=zeros.numel(),
+                pattern=detect_pattern(zeros),
+            )
+        )
+    return report
+
+
+def assert_same_sparsity(
+    before: Union[nn.Module, Mapping[str, torch.Tensor]],
+    after: Union[nn.Module, Mapping[str, torch.Tensor]],
+    allow_new_zeros: bool = False,
+) -> dict[str, ZeroSetChange]:
+    """Assert that every linear layer present in both models has the same zero set.
+
+    Works on any two models or state dicts (PEFT wrappers are seen through). Layers are matched by name;
+    a layer of ``before`` missing from ``after`` is an error. Returns the per-layer changes (all unchanged
+    unless ``allow_new_zeros``).
+
+    Raises:
+        SparsityViolation: naming the first layer whose zeros were filled (or, unless ``allow_new_zeros``,
+            whose non-zeros became zero).
+    """
+    weights_before = linear_weights(before)
+    weights_after = linear_weights(after)
+    missing = [name for name in weights_before if name not in weights_after]
+    if missing:
+        raise SparsityViolation(f"layer '{missing[0]}' of the first model is missing from the second")
+    changes = {}
+    for name, (weight, fan_in_fan_out) in weights_before.items():
+        other, other_fan = weights_after[name]
+        zeros = zero_mask(as_out_in(weight.detach(), fan_in_fan_out))
+        change = compare_zero_sets(zeros, as_out_in(other.detach(), other_fan))
+        enforce_zero_set(name, change, "warn" if allow_new_zeros else "strict", "the change")
+        changes[name] = change
+    return changes
