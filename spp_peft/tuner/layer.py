@@ -1,0 +1,275 @@
+"""SPP layers: the frozen pruned linear plus the multiplicative SPP factors of each adapter.
+
+Lu et al., "SPP: Sparsity-Preserved Parameter-Efficient Fine-Tuning for Large Language Models", ICML 2024,
+arXiv:2405.16057. The maths lives in :mod:`spp_peft.kernel`; this module owns the adapters' parameters,
+their life cycle (add, activate, merge, unmerge, delete) and the zero-set checks around merging.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from ..kernel import AdapterFactors, delta_factor, effective_weight, group_index, spp_linear
+from ..sparsity import MaskRecord, as_out_in, compare_zero_sets, conv1d_class, describe_mask, enforce_zero_set, zero_mask
+
+
+class SPPLayer(BaseTunerLayer):
+    """State shared by SPP layers: per adapter ``spp_A`` (r, in), ``spp_B`` (out,), scale and dropout."""
+
+    adapter_layer_names = ("spp_A", "spp_B")
+    other_param_names = ("r", "spp_alpha", "scaling", "spp_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.spp_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.spp_dropout = nn.ModuleDict({})
+        self.spp_A = nn.ParameterDict({})
+        self.spp_B = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        # Set by SPPModel at injection: the module's name (for error messages), the integrity policy, the
+        # kernel's row-chunking and the record of the base weight's zero mask.
+        self.spp_module_name: str = kwargs.get("module_name", "<unnamed>")
+        self.sparsity_check: str = kwargs.get("sparsity_check", "strict")
+        self.chunk_rows: Optional[int] = kwargs.get("chunk_rows")
+        self.mask_record: Optional[MaskRecord] = None
+
+        base = self.get_base_layer()
+        conv1d = conv1d_class()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif conv1d is not None and isinstance(base, conv1d):
+            # Conv1D stores its weight as (in, out).
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            raise TypeError(
+                f"SPP supports nn.Linear and transformers' Conv1D; module '{self.spp_module_name}' is "
+                f"{type(base).__name__}"
+            )
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        conv1d = conv1d_class()
+        return conv1d is not None and isinstance(self.get_base_layer(), conv1d)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        spp_alpha: float,
+        spp_dropout: float,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
+        """Add (or re-create) the adapter ``adapter_name`` on this layer."""
+        if not 1 <= r <= self.out_features:
+            raise ValueError(
+                f"SPP r={r} is invalid for module '{self.spp_module_name}' with out_features={self.out_features}: "
+                f"r is the number of row groups and must satisfy 1 <= r <= out_features."
+            )
+        self.r[adapter_name] = r
+        self.spp_alpha[adapter_name] = spp_alpha
+        self.scaling[adapter_name] = spp_alpha / r
+        self.spp_dropout[adapter_name] = nn.Dropout(p=spp_dropout) if spp_dropout > 0 else nn.Identity()
+        self.spp_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        self.spp_B[adapter_name] = nn.Parameter(torch.empty(self.out_features))
+        self.reset_spp_parameters(adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_spp_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """Reference init: ``spp_A`` Kaiming-uniform (a=sqrt(5)), ``spp_B`` zero, so ``W' = W`` at step 0.
+
+        With ``init_weights=False``, ``spp_B`` is drawn from U(-0.5, 0.5) instead (tests need a non-identity
+        adapter; with s = 2 and Kaiming ``spp_A`` the factor stays within 1 +- 1/sqrt(in_features))."""
+        if adapter_name not in self.spp_A:
+            return
+        nn.init.kaiming_uniform_(self.spp_A[adapter_name], a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.spp_B[adapter_name])
+        else:
+            nn.init.uniform_(self.spp_B[adapter_name], -0.5, 0.5)
+
+    # ------------------------------------------------------------------------------------------- maths
+
+    def factors(self, adapter_names: list[str]) -> list[AdapterFactors]:
+        return [AdapterFactors(self.spp_A[a], self.spp_B[a], self.scaling[a]) for a in adapter_names]
+
+    def group_index(self, adapter_name: str) -> torch.Tensor:
+        """The row group of each output row for ``adapter_name`` (see :func:`spp_peft.kernel.group_index`)."""
+        return group_index(self.out_features, self.r[adapter_name])
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``W * D`` for one adapter, in the base layer's layout and dtype (``W' = W + delta``)."""
+        weight = self.get_base_layer().weight
+        w = as_out_in(weight, self.fan_in_fan_out)
+        with torch.no_grad():
+            delta = effective_weight(w, self.factors([adapter_name]), include_base=False, dtype=torch.float32)
+        return as_out_in(delta, self.fan_in_fan_out).to(weight.dtype)
+
+    def _reweighted(self, weight: torch.Tensor, merged: list[str], target: list[str]) -> tuple[torch.Tensor, int]:
+        """The weight with the adapters ``target`` merged, given that ``merged`` are merged in ``weight`` now.
+
+        Computed in fp32 and cast back once. Merged adapters add their factors, ``W * (1 + D_1 + D_2)``, as in
+        the unmerged forward, so merging adapters one by one or together gives the same weight. Returns the new
+        weight and the number of entries that could not be restored (factor exactly 0 when unmerging)."""
+        w = as_out_in(weight.detach(), self.fan_in_fan_out).float()
+        lost = 0
+        if merged:
+            denom = delta_factor(self.factors(merged), self.out_features, torch.float32).add_(1.0)
+            unrecoverable = denom == 0
+            lost = int(unrecoverable.sum().item())
+            w = torch.where(unrecoverable, torch.zeros_like(w), w / denom)
+        if target:
+            w = effective_weight(w, self.factors(target), dtype=torch.float32)
+        return as_out_in(w, self.fan_in_fan_out).to(weight.dtype), lost
+
+    def _replace_weight_checked(self, new_weight: torch.Tensor, action: str, safe: bool) -> None:
+        """Write ``new_weight`` into the base layer after the finiteness and zero-set checks; on any failure
+        the base weight is left untouched."""
+        base_weight = self.get_base_layer().weight
+        if safe and not torch.isfinite(new_weight).all():
+            raise ValueError(
+                f"{action} of module '{self.spp_module_name}' produced non-finite weights; the base weight is "
+                f"unchanged. The adapter seems broken (check spp_A / spp_B for NaN or inf)."
+            )
+        if self.sparsity_check != "off":
+            change = compare_zero_sets(zero_mask(base_weight.detach()), new_weight)
+            message = enforce_zero_set(self.spp_module_name, change, self.sparsity_check, action)
+            if message:
+                warnings.warn(message)
+        with torch.no_grad():
+            base_weight.copy_(new_weight)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge the active adapters (or ``adapter_names``) into the base weight: ``W <- W * (1 + sum D)``.
+
+        Args:
+            safe_merge: refuse (and leave the weight untouched) if the merged weight is not finite.
+            adapter_names: adapters to merge; default: the active ones.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        to_merge = [a for a in adapter_names if a in self.spp_A]
+        if not to_merge:
+            return
+        merged = [a for a in self.merged_adapters if a in self.spp_A]
+        weight, _ = self._reweighted(self.get_base_layer().weight, merged, merged + to_merge)
+        self._replace_weight_checked(weight, "merge", safe_merge)
+        self.merged_adapters.extend(to_merge)
+
+    def unmerge(self) -> None:
+        """Undo every merge: ``W <- W_merged / (1 + sum D)`` (zeros are restored bit for bit)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        merged = [a for a in self.merged_adapters if a in self.spp_A]
+        weight, lost = self._reweighted(self.get_base_layer().weight, merged, [])
+        if lost:
+            warnings.warn(
+                f"unmerge of module '{self.spp_module_name}': {lost} weight(s) had a merged factor of exactly 0 "
+                f"and cannot be restored; they stay 0."
+            )
+        self._replace_weight_checked(weight, "unmerge", safe=False)
+        self.merged_adapters = []
+
+    def record_mask(self) -> MaskRecord:
+        """Describe the base weight's current zero mask (see :func:`spp_peft.sparsity.describe_mask`)."""
+        self.mask_record = describe_mask(self.get_base_layer().weight, self.fan_in_fan_out)
+        return self.mask_record
+
+
+class Linear(nn.Module, SPPLayer):
+    """SPP on an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 16,
+        spp_alpha: float = 32.0,
+        spp_dropout: float = 0.0,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        SPPLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, spp_alpha, spp_dropout, init_weights, inference_mode)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.get_base_layer().weight.dtype
+
+    def _spp_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        base = self.get_base_layer()
+        dtype = self._compute_dtype(x)
+        x = x.to(dtype)
+        # The kernel casts explicitly; autocast would otherwise recast inside the custom Function.
+        with torch.autocast(x.device.type, enabled=False):
+            uses_dropout = self.training and any(isinstance(self.spp_dropout[a], nn.Dropout) for a in adapters)
+            if not uses_dropout:
+                return spp_linear(x, base.weight, base.bias, self.factors(adapters), self.fan_in_fan_out,
+                                  chunk_rows=self.chunk_rows)
+            # Dropout on the adapter branch only: y = x W^T + b + dropout(x) (W * D)^T, one branch per adapter.
+            result = nn.functional.linear(x, as_out_in(base.weight, self.fan_in_fan_out).to(dtype),
+                                          None if base.bias is None else base.bias.to(dtype))
+            for a in adapters:
+                result = result + spp_linear(self.spp_dropout[a](x), base.weight, None, self.factors([a]),
+                                             self.fan_in_fan_out, include_base=False, chunk_rows=self.chunk_rows)
+            return result
+
+    def _check_forward_args(self, x, *args, **kwargs):
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, call `unmerge_adapter` first.")
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Each sample uses its own adapter (``"__base__"`` = the pruned base alone)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in set(adapter_names):
+            if adapter == "__base__" or adapter not in self.spp_A:
+                continue
+            index = [i for i, name in enumerate(adapter_names) if name == adapter]
+            result[index] = self._spp_forward(x[index], [adapter]).to(result.dtype)
+        return result
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            result = self.base_layer(x, *args, **kwargs)
+        elif adapter_names is not None:
+            result = self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        elif self.merged:
+            result = self.base_layer(x, *args, **kwargs)
+        else:
+            active = [a for a in self.active_adapters if a in self.spp_A]
+            result = self._spp_forward(x, active) if active else self.base_layer(x, *args, **kwargs)
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "spp." + super().__repr__()
