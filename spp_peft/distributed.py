@@ -1,0 +1,188 @@
+"""Multi-process SPP training helpers: process groups, FSDP2 sharding, saving adapters from sharded models.
+
+SPP needs nothing special from distributed engines for *correctness*: the adapter parameters ``spp_A`` /
+``spp_B`` are ordinary ``nn.Parameter`` s and the kernel (:class:`spp_peft.kernel.SPPLinearFunction`) is an
+ordinary autograd Function. What was checked (``tests/distributed/``, CPU, gloo, 2 processes):
+
+* **DDP** (transformers ``Trainer`` under ``torchrun``, accelerate's MULTI_CPU path): the adapter after N
+  steps equals single-process training with the same global batch and seed.
+* **FSDP2** (``torch.distributed.fsdp.fully_shard``): the kernel saves the *unsharded* base weight for
+  backward. With ``reshard_after_forward=True`` FSDP2 frees that tensor's storage after the block's forward
+  (``storage.resize_(0)``: the saved reference then holds no memory) and re-all-gathers into the *same*
+  storage in the block's pre-backward hook, before the kernel's backward runs; so the kernel sees the full
+  weight again, and the result equals single-process training. No patch to the kernel or the layers is
+  needed, and the sharded run does not keep the gathered weights alive between forward and backward.
+
+accelerate only turns its FSDP plugin on for accelerator devices (CUDA, XPU, NPU, ...): on CPU it silently
+stays in DDP mode. :func:`fsdp2_shard` applies the same layout as accelerate's FSDP2 plugin with
+``transformer_based_wrap`` (one FSDP unit per decoder block, the rest in the root unit), so the CPU test
+exercises the sharding that GPU users get through ``accelerate launch --config_file
+configs/accelerate/fsdp.yaml``. See ``docs/scaling.md``.
+
+Nothing here is imported by the tuner; this module imports torch.distributed lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "init_process_group",
+    "free_port",
+    "torchrun_command",
+    "unwrap_model",
+    "fsdp2_shard",
+    "adapter_state_dict",
+    "save_adapter",
+    "is_main_process",
+]
+
+
+def free_port() -> int:
+    """A TCP port that is free on localhost right now (for ``--master_port`` of a local launch)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun_command(script: str, nproc: int, script_args=(), python: Optional[str] = None,
+                     port: Optional[int] = None) -> list[str]:
+    """The command line of a single-node ``torchrun`` launch of ``script`` on ``nproc`` processes.
+
+    Uses ``python -m torch.distributed.run`` (the same as ``torchrun``, without relying on the entry point
+    being on PATH) and a fixed rendezvous on localhost with a free port, so concurrent launches don't clash.
+    """
+    import sys
+
+    return [
+        python or sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
+        script, *[str(a) for a in script_args],
+    ]
+
+
+def init_process_group(backend: Optional[str] = None) -> None:
+    """Initialise the default process group from the ``torchrun`` environment (idempotent).
+
+    ``backend`` defaults to NCCL when CUDA is available and gloo otherwise; on CUDA the process's device is
+    set from ``LOCAL_RANK`` first.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+
+    FSDP2 does not wrap (``fully_shard`` changes the module's class in place), so an FSDP2 model is returned
+    as is.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def fsdp2_shard(
+    model: nn.Module,
+    *,
+    mesh=None,
+    reshard_after_forward: bool = True,
+    mp_policy=None,
+    offload_policy=None,
+) -> nn.Module:
+    """Shard a (PEFT-wrapped) decoder with FSDP2: one FSDP unit per decoder block, the rest in the root unit.
+
+    This is the layout accelerate's FSDP2 plugin builds with ``fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP``
+    (see ``configs/accelerate/fsdp.yaml``); use it when you drive FSDP2 yourself (a plain PyTorch loop, or a
+    device accelerate does not enable FSDP on, such as CPU). Frozen base weights and trainable SPP factors
+    live in the same units: FSDP2 keeps per-parameter ``requires_grad``, gathers both before a block's forward
+    and reduce-scatters only the SPP gradients.
+
+    Args:
+        model: the model (``PeftModel`` or plain), on its final device.
+        mesh: a 1-D ``DeviceMesh``; default: all ranks of the default process group.
+        reshard_after_forward: free the gathered block parameters after forward (re-gathered for backward):
+            less memory, one more all-gather per block. Safe with the SPP kernel (see the module docstring).
+        mp_policy: an FSDP2 ``MixedPrecisionPolicy`` (e.g. ``param_dtype=torch.bfloat16``).
+        offload_policy: an FSDP2 ``CPUOffloadPolicy``.
+
+    Returns:
+        The same model object, now an FSDP module (call the optimiser on ``model.parameters()`` *after*
+        sharding: the parameters are replaced by DTensors).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    from .models import find_decoder_blocks
+
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(),
+              "offload_policy": offload_policy or OffloadPolicy()}
+    _, blocks = find_decoder_blocks(model)
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root keeps embeddings, final norm and head (tied or not) in one unit; never resharded after forward
+    # (its parameters are needed again right at the start of backward).
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    return model
+
+
+def _is_adapter_param(name: str, param: nn.Parameter, prefix: str) -> bool:
+    return param.requires_grad or f".{prefix}" in name
+
+
+def adapter_state_dict(model: nn.Module, prefix: str = "spp_") -> dict[str, torch.Tensor]:
+    """Full (unsharded, CPU) tensors of the adapter parameters, keyed by their names in the unwrapped model.
+
+    A collective under FSDP2: **every rank must call it** (each sharded parameter is all-gathered with
+    ``DTensor.full_tensor()``). Only the adapter parameters (names containing ``.spp_``) and trainable
+    parameters (biases with ``bias="all"``, ``modules_to_save``) are gathered, never the frozen base.
+    """
+    model = unwrap_model(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if not _is_adapter_param(name, param, prefix):
+            continue
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):  # DTensor (FSDP2 / tensor parallel)
+            tensor = tensor.full_tensor()
+        out[name] = tensor.cpu().clone()
+    return out
+
+
+def save_adapter(model: nn.Module, path: str, **save_kwargs) -> None:
+    """Save the PEFT adapter of a model that may be DDP-wrapped or FSDP2-sharded, from the main process.
+
+    Under FSDP2 every rank must call this (it gathers the adapter parameters, see :func:`adapter_state_dict`);
+    only rank 0 writes. The result is an ordinary PEFT adapter folder that loads into a single-process model.
+    With transformers' ``Trainer`` use ``trainer.save_model(path)`` instead (accelerate gathers for you).
+    """
+    import torch.distributed as dist
+
+    peft_model = unwrap_model(model)
+    state = adapter_state_dict(peft_model)
+    if is_main_process():
+        peft_model.save_pretrained(path, state_dict=state, **save_kwargs)
+    if dist.is_initialized():
+        dist.barrier()
