@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Optional, Union
 
@@ -372,6 +373,8 @@ def assert_same_sparsity(
         other, other_fan = weights_after[name]
         zeros = zero_mask(as_out_in(weight.detach(), fan_in_fan_out))
         change = compare_zero_sets(zeros, as_out_in(other.detach(), other_fan))
-        enforce_zero_set(name, change, "warn" if allow_new_zeros else "strict", "the change")
+        message = enforce_zero_set(name, change, "warn" if allow_new_zeros else "strict", "the change")
+        if message:
+            warnings.warn(message)
         changes[name] = change
     return changes

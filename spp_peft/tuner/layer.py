@@ -118,6 +118,7 @@ class SPPLayer(BaseTunerLayer):
             delta = effective_weight(w, self.factors([adapter_name]), include_base=False, dtype=torch.float32)
         return as_out_in(delta, self.fan_in_fan_out).to(weight.dtype)
 
+    @torch.no_grad()
     def _reweighted(self, weight: torch.Tensor, merged: list[str], target: list[str]) -> tuple[torch.Tensor, int]:
         """The weight with the adapters ``target`` merged, given that ``merged`` are merged in ``weight`` now.
 

@@ -76,13 +76,17 @@ class SPPModel(BaseTuner):
         if not config.base_masks or not config.verify_base_masks:
             return
         mismatches = []
-        for name, recorded in config.base_masks.items():
-            recorded = MaskRecord.from_dict(recorded)
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                mismatches.append(f"module '{name}' is missing from the base model")
+        modules = dict(model.named_modules())
+        missing = [name for name in config.base_masks if name not in modules]
+        if missing:
+            mismatches.append(f"module '{missing[0]}' is missing from the base model")
+        # Model order, so the error names the first mismatching module of the network.
+        for name, module in modules.items():
+            if mismatches:
                 break
+            if name not in config.base_masks:
+                continue
+            recorded = MaskRecord.from_dict(config.base_masks[name])
             module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             actual = describe_mask(module.weight, fan_in_fan_out=not isinstance(module, nn.Linear))
             if actual.fingerprint != recorded.fingerprint:
@@ -92,7 +96,6 @@ class SPPModel(BaseTuner):
                     f"base has sparsity {actual.sparsity:.2%} ({actual.pattern}, shape {actual.shape}, "
                     f"fingerprint {actual.fingerprint[:12]})"
                 )
-                break
         if mismatches:
             raise SparsityViolation(
                 f"SPP adapter '{adapter_name}' does not match this base model's zero masks: {mismatches[0]}. "
