@@ -146,3 +146,20 @@ def test_sparsity_report_sees_through_the_wrapper(kind, pattern):
     assert direct.total_sparsity == pytest.approx(wrapped.total_sparsity)
     expected = {"unstructured50": 0.5, "2:4": 0.5, "4:8": 0.5, "unstructured75": 0.75}[pattern]
     assert direct.total_sparsity == pytest.approx(expected, abs=0.05)
+
+
+def test_unload_returns_the_untouched_pruned_model(kind):
+    pruned, model = make(kind, "2:4", init_weights=False)
+    unloaded = model.unload()
+    assert not any("spp_" in n for n, _ in unloaded.named_parameters())
+    for (name, a), (_, b) in zip(pruned.state_dict().items(), unloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_exclude_modules_and_layers_to_transform():
+    base = prune_model_(build("llama"), "llama", "2:4")
+    model = get_peft_model(base, SPPConfig(target_modules=MODEL_TARGETS["llama"], exclude_modules=["down_proj"],
+                                           layers_to_transform=[1], r=2))
+    names = model.targeted_module_names
+    assert names and all(".layers.1." in n and not n.endswith("down_proj") for n in names)
+    assert len(model.peft_config["default"].base_masks) == len(names) == 6
