@@ -173,6 +173,8 @@ def load_texts(source: TextSource, text_field: str = "text") -> list[str]:
     path = Path(name).expanduser()
     if path.is_file():
         return _load_local_file(path, text_field)
+    if path.is_dir():
+        raise ValueError(f"load_texts: {name!r} is a folder; pass a .txt, .json or .jsonl file")
     # "org/name" is a hub id, but a path-looking name or a text-file suffix is a missing local file.
     if path.suffix.lower() in (".txt", ".text", ".md", ".json", ".jsonl") or name.startswith(("/", ".", "~")):
         raise FileNotFoundError(f"load_texts: file {name!r} does not exist")

@@ -74,6 +74,8 @@ def test_load_texts_local_files(tmp_path):
         load_texts(js)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_texts(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="is a folder"):
+        load_texts(str(tmp_path))
     bad = tmp_path / "c.csv"
     bad.write_text("a,b\n")
     with pytest.raises(ValueError, match="unsupported file type"):
