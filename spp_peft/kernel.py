@@ -93,14 +93,20 @@ def _write_delta(out: torch.Tensor, factors: Sequence[AdapterFactors], out_featu
     """
     start, stop = rows.start, rows.stop
     n = out.shape[1]
+    whole = start == 0 and stop == out_features
     for i, f in enumerate(factors):
-        r = f.A.shape[0]
         A = f.A.to(out.dtype)
-        B = f.B[start:stop].to(out.dtype) * f.scale  # the scale goes into the (m,) vector, not a full pass
-        for row0, g0, groups, size in _group_runs(out_features, r, start, stop):
-            o = out[row0 - start : row0 - start + groups * size].view(groups, size, n)
-            b = B[row0 - start : row0 - start + groups * size].view(groups, size, 1)
-            a = A[g0 : g0 + groups].unsqueeze(1)
+        # The scale goes into the (m,) vector, in the factor's own dtype, not into a weight-sized pass.
+        B = ((f.B if whole else f.B[start:stop]) * f.scale).to(out.dtype)
+        runs = _group_runs(out_features, A.shape[0], start, stop)
+        for row0, g0, groups, size in runs:
+            if len(runs) == 1:  # the usual case (even groups, whole groups in the block): no slicing
+                o, b = out.view(groups, size, n), B.view(groups, size, 1)
+                a = (A if groups == A.shape[0] else A[g0 : g0 + groups]).unsqueeze(1)
+            else:
+                o = out[row0 - start : row0 - start + groups * size].view(groups, size, n)
+                b = B[row0 - start : row0 - start + groups * size].view(groups, size, 1)
+                a = A[g0 : g0 + groups].unsqueeze(1)
             if i == 0:
                 torch.mul(b, a, out=o)
             else:
