@@ -13,6 +13,13 @@ ordinary autograd Function. What was checked (``tests/distributed/``, CPU, gloo,
   weight again, and the result equals single-process training. No patch to the kernel or the layers is
   needed, and the sharded run does not keep the gathered weights alive between forward and backward.
 
+* **DeepSpeed ZeRO-3** (not run: no GPU and no DeepSpeed where this was written): ZeRO-3 gathers a
+  module's parameters in a hook before *that module's* forward. An SPP layer never calls its base layer's
+  forward (the kernel reads ``base_layer.weight`` directly) and its factors live in ``ParameterDict`` s,
+  so without help the kernel would see ZeRO-3's empty placeholders. :func:`prepare_zero3` marks the SPP
+  layers as ZeRO-3 *leaf* modules (``deepspeed.utils.set_z3_leaf_modules``): entering an SPP layer then
+  gathers every parameter below it, and the backward pre-hook re-gathers them for the kernel's backward.
+
 accelerate only turns its FSDP plugin on for accelerator devices (CUDA, XPU, NPU, ...): on CPU it silently
 stays in DDP mode. :func:`fsdp2_shard` applies the same layout as accelerate's FSDP2 plugin with
 ``transformer_based_wrap`` (one FSDP unit per decoder block, the rest in the root unit), so the CPU test
@@ -40,6 +47,7 @@ __all__ = [
     "adapter_state_dict",
     "save_adapter",
     "is_main_process",
+    "prepare_zero3",
 ]
 
 
@@ -186,3 +194,27 @@ def save_adapter(model: nn.Module, path: str, **save_kwargs) -> None:
         peft_model.save_pretrained(path, state_dict=state, **save_kwargs)
     if dist.is_initialized():
         dist.barrier()
+
+
+def prepare_zero3(model: nn.Module) -> list[nn.Module]:
+    """Mark every SPP layer of ``model`` as a DeepSpeed ZeRO-3 leaf module; call before training starts.
+
+    Needed under ZeRO-3 (see the module docstring): with transformers' ``Trainer`` call it on the PEFT model
+    before ``trainer.train()`` (DeepSpeed installs its hooks when accelerate prepares the model). Returns the
+    marked modules. Requires ``deepspeed>=0.13`` (``pip install "spp-peft[deepspeed]"``).
+
+    Not verified on a GPU: written from DeepSpeed's documented leaf-module semantics. See docs/scaling.md.
+    """
+    try:
+        from deepspeed.utils import set_z3_leaf_modules
+    except ImportError as err:
+        raise ImportError(
+            "prepare_zero3 needs DeepSpeed >= 0.13 (deepspeed.utils.set_z3_leaf_modules): "
+            'pip install "spp-peft[deepspeed]"'
+        ) from err
+    from .tuner.layer import SPPLayer
+
+    classes = sorted({type(m) for m in model.modules() if isinstance(m, SPPLayer)}, key=lambda c: c.__name__)
+    if not classes:
+        raise ValueError("prepare_zero3: the model has no SPP layer (call get_peft_model with an SPPConfig first)")
+    return list(set_z3_leaf_modules(model, classes))
