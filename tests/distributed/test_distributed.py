@@ -2,7 +2,7 @@
 
 One ``torchrun`` launch trains, in the same two processes one after the other, (1) with ``Trainer`` (DDP via
 accelerate), (2) with FSDP2 as sharded by :func:`spp_peft.distributed.fsdp2_shard` and (3) with FSDP2 as
-sharded by accelerate's own ``fsdp2_prepare_model``. A single-process run of the same script, launched at
+sharded by accelerate's own ``fsdp2_prepare_model``, and (4) FSDP2 with bf16 mixed precision. A single-process run of the same script, launched at
 the same time, gives the references (Trainer, and a plain loop with the same data order as the FSDP runs).
 The tests then compare adapters, check that the FSDP2 runs did not keep gathered weights alive between
 forward and backward, and that each adapter loads into a fresh single-process model and merges with the
@@ -27,7 +27,7 @@ from spp_peft.distributed import free_port, torchrun_command
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SCRIPT = HERE / "train_spp.py"
-MULTI_RUNS = ("trainer", "fsdp-spp", "fsdp-accelerate")
+MULTI_RUNS = ("trainer", "fsdp-spp", "fsdp-accelerate", "fsdp-spp-bf16")
 # Same global batch, seed and data: adapters agree up to float reduction order (observed: <= 1e-6).
 ATOL = 2e-5
 
@@ -115,6 +115,23 @@ def test_fsdp2_matches_single_process(runs, run):
     ref = runs["single_result"]["runs"]["loop"]["losses"]
     assert got == pytest.approx(ref, abs=1e-4)
     print(f"{run} (2 x gloo) vs 1 process: max |adapter diff| = {worst:.3g}")
+
+
+def test_fsdp2_bf16_mixed_precision_tracks_fp32(runs):
+    """bf16 gathered weights and compute, fp32 master factors and reduction: the losses follow the fp32 run
+    closely; the adapters differ by bf16 noise amplified by Adam on tiny gradients, but point the same way."""
+    got = runs["multi_result"]["runs"]["fsdp-spp-bf16"]["losses"]
+    ref = runs["single_result"]["runs"]["loop"]["losses"]
+    assert got == pytest.approx(ref, abs=3e-3)
+    a, b = _adapter(runs["multi"] / "fsdp-spp-bf16"), _adapter(runs["single"] / "loop")
+    assert all(a[k].dtype == torch.float32 for k in a)
+    va = torch.cat([a[k].flatten() for k in sorted(a)])
+    vb = torch.cat([b[k].flatten() for k in sorted(b)])
+    assert torch.nn.functional.cosine_similarity(va, vb, dim=0).item() > 0.98
+    probe = runs["multi_result"]["runs"]["fsdp-spp-bf16"]["saved_weights_probe"]
+    single = runs["single_result"]["runs"]["loop"]["saved_weights_probe"]
+    assert probe["saved_frozen_weight_bytes"] * 2 == single["saved_frozen_weight_bytes"]  # gathered in bf16
+    assert probe["allocated_after_forward_bytes"] == 0
 
 
 @pytest.mark.parametrize("run", ["fsdp-spp", "fsdp-accelerate"])

@@ -14,6 +14,7 @@ Runs (``--runs``, comma-separated, executed one after the other in the same proc
     fsdp-spp         the loop, model sharded by FSDP2 with :func:`spp_peft.distributed.fsdp2_shard`.
     fsdp-accelerate  the loop, model sharded by accelerate's own ``fsdp2_prepare_model`` (see
                      :func:`accelerate_fsdp2`: accelerate does not enable FSDP on CPU by itself).
+    fsdp-spp-bf16    fsdp-spp with FSDP2 mixed precision (bf16 parameters and compute, fp32 reduction).
 
 Usage:
     python train_spp.py --out DIR --runs trainer,loop                  # single-process references
@@ -125,6 +126,13 @@ def train_loop(args, peft_model, data, shard=None) -> list[float]:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if shard == "spp":
         model = sdist.fsdp2_shard(peft_model, reshard_after_forward=not args.no_reshard)
+    elif shard == "spp-bf16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # What accelerate's FSDP2 plugin builds for mixed_precision: bf16 (fp32 sharded master parameters,
+        # bf16 gathered parameters and compute, fp32 gradient reduction).
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model = sdist.fsdp2_shard(peft_model, reshard_after_forward=not args.no_reshard, mp_policy=policy)
     elif shard == "accelerate":
         model = accelerate_fsdp2(peft_model, reshard_after_forward=not args.no_reshard)
     elif world > 1:
@@ -173,7 +181,7 @@ def train_loop(args, peft_model, data, shard=None) -> list[float]:
     return losses
 
 
-RUNS = ("trainer", "loop", "fsdp-spp", "fsdp-accelerate")
+RUNS = ("trainer", "loop", "fsdp-spp", "fsdp-accelerate", "fsdp-spp-bf16")
 
 
 def accelerate_fsdp2(peft_model, reshard_after_forward: bool = True):
@@ -236,7 +244,7 @@ def main(argv=None) -> int:
         if run == "trainer":
             losses = train_trainer(args, peft_model, data)
         else:
-            shard = {"loop": None, "fsdp-spp": "spp", "fsdp-accelerate": "accelerate"}[run]
+            shard = {"loop": None, "fsdp-spp": "spp", "fsdp-accelerate": "accelerate", "fsdp-spp-bf16": "spp-bf16"}[run]
             losses = train_loop(args, peft_model, data, shard)
         results[run] = {"losses": losses, "saved_weights_probe": args.probe, "seconds": round(time.time() - start, 2)}
 
