@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
                     f"{entry['perplexity']:.2f}" if "perplexity" in entry else "-",
                 ]
             )
-            print(f"done: {method} {entry['pattern']} in {entry['wall_s']:.1f}s", file=sys.stderr, flush=True)
+            # Partial results as they come: a run on a busy machine may be stopped before the table.
+            print(f"done: {json.dumps(entry)}", file=sys.stderr, flush=True)
 
     machine = machine_description(args.device)
     print(f"SmolLM2-135M-Instruct, calibration {args.nsamples} x {args.seqlen} "
