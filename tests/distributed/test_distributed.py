@@ -2,7 +2,8 @@
 
 One ``torchrun`` launch trains, in the same two processes one after the other, (1) with ``Trainer`` (DDP via
 accelerate), (2) with FSDP2 as sharded by :func:`spp_peft.distributed.fsdp2_shard` and (3) with FSDP2 as
-sharded by accelerate's own ``fsdp2_prepare_model``, and (4) FSDP2 with bf16 mixed precision. A single-process run of the same script, launched at
+sharded by accelerate's own ``fsdp2_prepare_model``, (4) FSDP2 with bf16 mixed precision and (5) FSDP2 with
+gradient checkpointing (the kernel's forward re-run inside backward, under FSDP's re-gather). A single-process run of the same script, launched at
 the same time, gives the references (Trainer, and a plain loop with the same data order as the FSDP runs).
 The tests then compare adapters, check that the FSDP2 runs did not keep gathered weights alive between
 forward and backward, and that each adapter loads into a fresh single-process model and merges with the
@@ -27,7 +28,7 @@ from spp_peft.distributed import free_port, torchrun_command
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SCRIPT = HERE / "train_spp.py"
-MULTI_RUNS = ("trainer", "fsdp-spp", "fsdp-accelerate", "fsdp-spp-bf16")
+MULTI_RUNS = ("trainer", "fsdp-spp", "fsdp-accelerate", "fsdp-spp-bf16", "fsdp-spp-ckpt")
 # Same global batch, seed and data: adapters agree up to float reduction order (observed: <= 1e-6).
 ATOL = 2e-5
 
@@ -57,10 +58,7 @@ def _finish(proc: subprocess.Popen, what: str, timeout: int = 400) -> None:
         pytest.fail(f"{what} failed with exit code {proc.returncode}; output tail:\n{out[-6000:]}")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Launch the 2-process run and the 1-process reference concurrently; return their output folders."""
-    base = tmp_path_factory.mktemp("spp_dist")
+def _launch_all(base: Path) -> None:
     multi, single = base / "multi", base / "single"
     common = dict(cwd=str(ROOT), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     p_multi = subprocess.Popen(
@@ -71,6 +69,28 @@ def runs(tmp_path_factory):
                                 **common)
     _finish(p_single, "single-process reference run")
     _finish(p_multi, "2-process torchrun (gloo) run")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Launch the 2-process run and the 1-process reference concurrently; return their outputs.
+
+    Under pytest-xdist the workers share one set of runs (a folder keyed by the test run's id, guarded by a
+    file lock), so the launches happen once however the tests are distributed."""
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if uid:
+        from filelock import FileLock
+
+        base = tmp_path_factory.getbasetemp().parent / f"spp_dist_{uid}"
+        base.mkdir(exist_ok=True)
+        with FileLock(str(base / "lock")):
+            if not (base / "done").exists():
+                _launch_all(base)
+                (base / "done").write_text("ok")
+    else:
+        base = tmp_path_factory.mktemp("spp_dist")
+        _launch_all(base)
+    multi, single = base / "multi", base / "single"
     return {
         "multi": multi, "single": single,
         "multi_result": json.loads((multi / "result.json").read_text()),
@@ -108,7 +128,7 @@ def test_ddp_trainer_matches_single_process(runs):
     print(f"DDP (Trainer, 2 x gloo) vs 1 process: max |adapter diff| = {worst:.3g}")
 
 
-@pytest.mark.parametrize("run", ["fsdp-spp", "fsdp-accelerate"])
+@pytest.mark.parametrize("run", ["fsdp-spp", "fsdp-accelerate", "fsdp-spp-ckpt"])
 def test_fsdp2_matches_single_process(runs, run):
     worst = _assert_same_adapter(_adapter(runs["multi"] / run), _adapter(runs["single"] / "loop"))
     got = runs["multi_result"]["runs"][run]["losses"]

@@ -15,6 +15,7 @@ Runs (``--runs``, comma-separated, executed one after the other in the same proc
     fsdp-accelerate  the loop, model sharded by accelerate's own ``fsdp2_prepare_model`` (see
                      :func:`accelerate_fsdp2`: accelerate does not enable FSDP on CPU by itself).
     fsdp-spp-bf16    fsdp-spp with FSDP2 mixed precision (bf16 parameters and compute, fp32 reduction).
+    fsdp-spp-ckpt    fsdp-spp with gradient checkpointing (non-reentrant).
 
 Usage:
     python train_spp.py --out DIR --runs trainer,loop                  # single-process references
@@ -116,13 +117,13 @@ def train_trainer(args, peft_model, data) -> list[float]:
     return losses
 
 
-def train_loop(args, peft_model, data, shard=None) -> list[float]:
+def train_loop(args, peft_model, data, shard=None, checkpointing=False) -> list[float]:
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     per_rank = args.global_batch // world
-    if args.grad_ckpt:
+    if checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if shard == "spp":
         model = sdist.fsdp2_shard(peft_model, reshard_after_forward=not args.no_reshard)
@@ -181,7 +182,7 @@ def train_loop(args, peft_model, data, shard=None) -> list[float]:
     return losses
 
 
-RUNS = ("trainer", "loop", "fsdp-spp", "fsdp-accelerate", "fsdp-spp-bf16")
+RUNS = ("trainer", "loop", "fsdp-spp", "fsdp-accelerate", "fsdp-spp-bf16", "fsdp-spp-ckpt")
 
 
 def accelerate_fsdp2(peft_model, reshard_after_forward: bool = True):
@@ -244,8 +245,9 @@ def main(argv=None) -> int:
         if run == "trainer":
             losses = train_trainer(args, peft_model, data)
         else:
-            shard = {"loop": None, "fsdp-spp": "spp", "fsdp-accelerate": "accelerate", "fsdp-spp-bf16": "spp-bf16"}[run]
-            losses = train_loop(args, peft_model, data, shard)
+            shard = {"loop": None, "fsdp-spp": "spp", "fsdp-accelerate": "accelerate", "fsdp-spp-bf16": "spp-bf16",
+                     "fsdp-spp-ckpt": "spp"}[run]
+            losses = train_loop(args, peft_model, data, shard, checkpointing=args.grad_ckpt or run.endswith("-ckpt"))
         results[run] = {"losses": losses, "saved_weights_probe": args.probe, "seconds": round(time.time() - start, 2)}
 
     if rank == 0:
