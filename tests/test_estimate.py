@@ -151,6 +151,7 @@ def test_sharding_devices_and_dtype_scale_as_expected():
 
 def test_spp_needs_less_than_lora_and_full():
     rows = [estimate_memory("smollm2", method=m, batch_size=4, seq_len=1024) for m in METHODS]
+    assert all(isinstance(e, MemoryEstimate) and e.total == sum(e.components.values()) for e in rows)
     spp, lora, full = (e.total for e in rows)
     assert spp < lora < full
     text = format_estimate(rows)
