@@ -91,3 +91,67 @@ def perplexity(
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
+
+
+# =====================================================================================================
+# Zero-shot accuracy through lm-eval (optional extra: pip install 'spp-peft[eval]'). Added with the
+# pipeline / CLI; the model is evaluated in memory (no save and reload), through lm-eval's HFLM.
+# =====================================================================================================
+
+#: The seven zero-shot tasks of the SPP, Wanda and SparseGPT papers (lm-eval task names).
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def zero_shot(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    limit: Optional[Union[int, float]] = None,
+    batch_size: int = 4,
+    metric: str = "acc",
+    include_path: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> dict[str, float]:
+    """Zero-shot accuracy of an in-memory model on lm-eval tasks.
+
+    Args:
+        model: a HuggingFace causal LM (e.g. the merged model; a PEFT wrapper should be merged first).
+        tokenizer: its tokenizer.
+        tasks: lm-eval task names, e.g. :data:`PAPER_TASKS` (their datasets come from the hub).
+        limit: examples per task (``None`` = all), lm-eval's ``limit``.
+        batch_size: lm-eval batch size.
+        metric: the metric to return per task (``"acc"``; ``"acc_norm"`` where the task has it).
+        include_path: a folder of extra task YAML files (local tasks), passed to lm-eval's ``TaskManager``.
+        device: where to run (default: the model's device).
+
+    Returns:
+        ``{task: metric value}``.
+
+    Raises:
+        ImportError: with the install command, when lm-eval is missing.
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ImportError("zero-shot evaluation needs lm-eval: pip install 'spp-peft[eval]' "
+                          f"(or pip install lm-eval); import failed: {err}") from err
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
+                              task_manager=TaskManager(include_path=include_path), log_samples=False,
+                              bootstrap_iters=0)
+    finally:
+        model.train(was_training)
+    scores = {}
+    for task in tasks:
+        values = out["results"].get(task, {})
+        key = f"{metric},none"
+        if key not in values:
+            raise KeyError(f"lm-eval task {task!r} has no metric {metric!r} (it has: {sorted(values)})")
+        scores[task] = float(values[key])
+    return scores
