@@ -1,0 +1,245 @@
+"""The spp-peft command line: every subcommand end to end on a tiny model, bad recipes, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spp_peft import cli
+from spp_peft.recipe import QUICKSTART_YAML, RecipeError, load_recipe
+
+from ._pipeline_fixtures import save_dense
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_dense(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_dir, tmp_path_factory):
+    """prune -> train -> merge through the CLI, shared by the tests below."""
+    work = tmp_path_factory.mktemp("cli")
+    pruned, run_dir, merged = work / "pruned", work / "spp", work / "merged"
+    assert cli.main(["prune", "--model", str(tiny_dir), "--method", "wanda", "--pattern", "2:4",
+                     "--nsamples", "4", "--seqlen", "32", "--output", str(pruned), "-q"]) == 0
+    assert cli.main(["train", "--model", str(pruned), "--method", "spp", "--data", "builtin", "--cutoff-len", "32",
+                     "--max-samples", "8", "--max-steps", "2", "--batch-size", "2", "--r", "4", "--lr", "2e-2",
+                     "--output", str(run_dir), "-q"]) == 0
+    assert cli.main(["merge", "--model", str(pruned), "--adapter", str(run_dir / "adapter"),
+                     "--output", str(merged)]) == 0
+    return {"pruned": pruned, "run": run_dir, "merged": merged, "work": work}
+
+
+def test_prune_saves_a_2_4_model(chain, capsys):
+    config = json.loads((chain["pruned"] / "config.json").read_text())
+    assert config["spp_pruning"]["method"] == "wanda" and config["spp_pruning"]["pattern"] == "2:4"
+    assert config["spp_pruning"]["calibration"] == {"source": "builtin", "nsamples": 4, "seqlen": 32, "seed": 0}
+    assert cli.main(["inspect", str(chain["pruned"])]) == 0
+    out = capsys.readouterr().out
+    assert "2:4 compliance: all layers" in out
+
+
+def test_train_writes_adapter_and_log(chain):
+    info = json.loads((chain["run"] / "adapter" / "spp_peft_training.json").read_text())
+    assert info["method"] == "spp" and info["lr"] == 2e-2 and info["train"]["r"] == 4
+    assert info["data"]["cutoff_len"] == 32 and info["result"]["steps"] == 2
+    log = json.loads((chain["run"] / "train_log.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2]
+
+
+def test_merge_exports_verified_model(chain, capsys):
+    config = json.loads((chain["merged"] / "config.json").read_text())
+    assert config["spp_sparsity"]["method"] == "spp"
+    assert cli.main(["inspect", str(chain["merged"])]) == 0
+    assert "all mask fingerprints match the weights" in capsys.readouterr().out
+    # Refuses to overwrite without --overwrite, before loading anything.
+    assert cli.main(["merge", "--model", str(chain["pruned"]), "--adapter", str(chain["run"] / "adapter"),
+                     "--output", str(chain["merged"])]) == 2
+
+
+def test_inspect_detects_a_tampered_export(chain, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy_dir = tmp_path / "tampered"
+    shutil.copytree(chain["merged"], copy_dir)
+    state = load_file(str(copy_dir / "model.safetensors"))
+    name = next(k for k in state if k.endswith("q_proj.weight"))
+    state[name] = state[name].clone()
+    state[name][state[name] == 0] = 1.0
+    save_file(state, str(copy_dir / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(["inspect", str(copy_dir)]) == 3
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_eval_merged_equals_eval_with_adapter(chain, capsys):
+    args = ["--data", "heldout=builtin:heldout", "--seqlen", "32", "--max-tokens", "256", "--json", "-q"]
+    assert cli.main(["eval", "--model", str(chain["merged"]), *args]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    assert cli.main(["eval", "--model", str(chain["pruned"]), "--adapter", str(chain["run"] / "adapter"), *args]) == 0
+    adapted = json.loads(capsys.readouterr().out)
+    assert merged["tokens"]["heldout"] == 256
+    assert merged["perplexity"]["heldout"] == pytest.approx(adapted["perplexity"]["heldout"], rel=1e-5)
+    assert merged["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_inspect_adapter(chain, capsys):
+    assert cli.main(["inspect", str(chain["run"] / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "method: spp" in out and "pattern(s) 2:4" in out and "trained: 2 steps" in out
+
+
+def _write_recipe(path: Path, tiny_dir, out, **changes) -> Path:
+    data = {
+        "name": "cli",
+        "output_dir": str(out),
+        "model": {"name_or_path": str(tiny_dir)},
+        "pruning": {"method": "magnitude", "pattern": "2:4"},
+        "data": {"cutoff_len": 32, "max_samples": 8},
+        "train": {"methods": ["spp"], "max_steps": 1, "batch_size": 2, "r": 4, "progress": False},
+        "eval": {"seqlen": 32, "max_tokens": 128, "datasets": {"heldout": "builtin:heldout"}},
+        "report": {"plots": False},
+    }
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_recipe_with_overrides(tiny_dir, tmp_path, capsys):
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_dir, tmp_path / "out")
+    assert cli.main(["run", str(recipe), "--set", "train.lr=2e-2", "--train.max_steps", "2",
+                     "--eval.datasets.ood=builtin:ood", "-q"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["recipe"]["train"]["lr"] == 2e-2
+    assert report["training"]["spp"]["steps"] == 2
+    assert set(report["perplexity"]) == {"heldout", "ood"}
+    out = capsys.readouterr().out
+    assert "SPP" in out and "report:" in out
+    assert cli.main(["inspect", str(tmp_path / "out")]) == 0
+    assert "pruned" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, override, message",
+    [
+        ({"train__max_step": 3}, [], "unknown key train.max_step; did you mean 'max_steps'"),
+        ({"train__max_steps": "ten"}, [], "train.max_steps: expected int, got 'ten'"),
+        ({"data__source": "missing.txt"}, [], "data.source: file 'missing.txt' does not exist"),
+        ({"pruning__pattern": 124}, [], "pruning.pattern: expected a string"),
+        ({}, ["--set", "train.methods=spp,dora"], "unknown method 'dora'"),
+        ({}, ["--set", "eval.seqlen"], "must look like KEY=VALUE"),
+        ({}, ["--bogus", "1"], "unrecognized argument '--bogus'"),
+    ],
+)
+def test_bad_recipes_fail_before_any_work(tiny_dir, tmp_path, capsys, change, override, message):
+    out = tmp_path / "out"
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_dir, out, **change)
+    assert cli.main(["run", str(recipe), *override]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not out.exists(), "nothing may be written for a bad recipe"
+
+
+def test_missing_recipe_and_model(tmp_path, capsys):
+    assert cli.main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", "--model", str(tmp_path / "nomodel"), "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "smollm2", "--max-steps", "x", "--output", str(tmp_path / "o")]) == 2
+    assert "train.max_steps: expected int" in capsys.readouterr().err
+
+
+def test_yaml_scalars_are_yaml_1_2():
+    recipe = load_recipe("pruning:\n  pattern: 2:4\ntrain:\n  lr: 1e-3\n  resume: false\n", check_paths=False)
+    assert recipe.pruning.pattern == "2:4" and recipe.train.lr == 1e-3 and recipe.train.resume is False
+    with pytest.raises(RecipeError, match="duplicate key 'lr'"):
+        load_recipe("train:\n  lr: 1\n  lr: 2\n", check_paths=False)
+    with pytest.raises(RecipeError, match="train.resume: expected bool"):
+        load_recipe("train:\n  resume: yes\n", check_paths=False)
+
+
+def test_keys_lists_every_section(capsys):
+    assert cli.main(["keys"]) == 0
+    out = capsys.readouterr().out
+    for key in ("model.name_or_path", "pruning.pattern", "pruning.nsamples", "data.train_on_inputs", "train.lr",
+                "train.method_lr", "eval.datasets", "export.methods", "report.plots"):
+        assert key in out
+
+
+def test_estimate_delegates(tiny_dir, capsys):
+    pytest.importorskip("spp_peft.estimate")
+    assert cli.main(["estimate", "--model", str(tiny_dir), "--seq-len", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+
+
+def test_quickstart_recipe_is_shipped_and_valid(capsys):
+    assert (ROOT / "configs" / "quickstart.yaml").read_text() == QUICKSTART_YAML
+    recipe = load_recipe(QUICKSTART_YAML, check_paths=False)
+    assert recipe.pruning.pattern == "2:4" and recipe.train.methods == ["spp", "lora_star"]
+    assert cli.main(["demo", "--print-recipe", "--set", "train.max_steps=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["max_steps"] == 3
+
+
+PAPER_LR = {"7b": 4e-3, "13b": 2e-3, "30b": 4e-3, "65b": 5e-4, "70b": 5e-4}
+
+
+def test_paper_recipes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate", ROOT / "configs" / "paper" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    expected = generate.recipes()
+    files = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+    assert {p.name: p.read_text() for p in files} == expected, "run configs/paper/generate.py"
+    assert len(files) == 7 * 2 * 4
+    for path in files:
+        recipe = load_recipe(str(path), check_paths=False)
+        size = path.stem.split("-")[-3] if path.stem.startswith("llama-2") else path.stem.split("-")[1]
+        assert recipe.train.lr == PAPER_LR[size], path.name
+        assert (recipe.train.r, recipe.train.alpha, recipe.train.epochs) == (16, 32, 3)
+        assert recipe.train.batch_size * recipe.train.grad_accum == 128 and recipe.data.cutoff_len == 512
+        assert recipe.train.warmup == 0.03 and recipe.train.weight_decay == 0.001
+        assert recipe.data.source == "vicgalle/alpaca-gpt4" and recipe.data.format == "alpaca"
+        assert recipe.pruning.method in ("wanda", "sparsegpt")
+
+
+def test_module_entry_point(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "spp_peft", "keys"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "train.lr" in done.stdout
+
+
+@pytest.mark.slow
+def test_demo_with_a_tiny_budget(tmp_path, capsys):
+    """The demo recipe on the real SmolLM2-135M, every stage, with a budget small enough for CI."""
+    code = cli.main([
+        "demo", "--output-dir", str(tmp_path / "demo"), "-q",
+        "--set", "pruning.nsamples=4", "--set", "pruning.seqlen=128",
+        "--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "data.cutoff_len=64",
+        "--set", "eval.seqlen=128", "--set", "eval.max_tokens=256", "--set", "train.save_steps=0",
+    ])
+    assert code == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    for ds in ("heldout", "ood"):
+        ppl = report["perplexity"][ds]
+        assert set(ppl) == {"dense", "pruned", "spp", "lora_star"}
+        assert ppl["pruned"] > ppl["dense"]
+    assert report["verified"]["spp"]["ok"] and report["verified"]["lora_star"]["ok"]
+    assert report["verified"]["spp"]["layers"] == 210  # 30 blocks x 7 projections
+    assert (tmp_path / "demo" / "merged" / "spp" / "model.safetensors").is_file()
+    assert "SPP" in capsys.readouterr().out
