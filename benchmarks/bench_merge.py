@@ -6,7 +6,8 @@ adapter with non-trivial factors (SPP ``init_weights=False``: random ``spp_B``; 
 order between repetitions. SPP is timed with its default zero-set check (``sparsity_check="strict"``:
 the merged weight's zero set is compared with the base's, the package's guarantee), with the check off,
 and with the same strict check done by the proposed faster ``compare_zero_sets`` below (patched into
-``spp_peft.tuner.layer`` for that method only). CPU time (``time.process_time``) and wall time; medians over repetitions.
+``spp_peft.tuner.layer`` for that method only). CPU time (``time.process_time``) and wall time; medians over
+repetitions.
 
 Usage:
     python benchmarks/bench_merge.py --reps 5 --threads 1

@@ -179,7 +179,7 @@ def main(argv=None) -> int:
                      f"{hwm / 1024:.0f}", f"{rss / 1024:.0f}", f"{tpk / 2**20:.0f}"])
     s, lo = summary["spp"], summary["lora"]
     rows.append(["spp / lora", "", f"{s['wall'] / lo['wall']:.2f}", f"{s['cpu'] / lo['cpu']:.2f}",
-                 f"{s['hwm'] / lo['hwm']:.2f}", f"{s['rss'] / max(lo['rss'], 1):.2f}", f"{s['tpk'] / lo['tpk']:.2f}"])
+                 f"{s['hwm'] / lo['hwm']:.3f}", f"{s['rss'] / max(lo['rss'], 1):.3f}", f"{s['tpk'] / lo['tpk']:.3f}"])
     print()
     print(md_table(["method", "trainable params", "step wall s", "step cpu s", "peak RSS MiB (VmHWM)",
                     "peak RSS above pre-step MiB", "torch peak MiB (profiler)"], rows))

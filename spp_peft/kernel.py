@@ -172,9 +172,9 @@ def effective_weight(
 
 # Default row chunking, chosen by measurement (benchmarks/README.md, "Row chunking"; CPU fp32, 1 thread, 1024
 # tokens, 1024->1024 / 1024->2816 / 2816->1024): blocks of 256 or 512 rows cut the layer's peak memory by
-# 25-38% (to below LoRA r=8's) but cost up to 19% more time in the fastest rounds (medians: -7% to +9%, the
-# shared machine's noise): more, smaller GEMMs, the D build and reductions split into more ops; never a
-# clear gain. One block keeps a single weight-sized temporary alive, the size of
+# 17-38% (to below LoRA r=8's) but cost time: +1% to +19% in the fastest rounds of two runs (medians -7% to
+# +9%, the shared machine's noise), from more, smaller GEMMs and the D build and reductions split into more
+# ops; never a clear gain. One block keeps a single weight-sized temporary alive, the size of
 # the gradient that full fine-tuning allocates, and a SmolLM2-135M training step then already peaks below
 # LoRA's. So ``chunk_rows=None`` (one block) is the default and chunking is the opt-in low-memory mode for
 # layers whose temporary is too large (it bounds the temporary to ``chunk_rows x n``).
