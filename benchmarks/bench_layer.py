@@ -22,7 +22,8 @@ beyond the input and the parameters), and the peak of live torch allocations dur
 ``benchmarks/common.py`` for how each is measured).
 
 Usage:
-    python benchmarks/bench_layer.py                      # CPU, fp32 and bf16, the 3 LLaMA-like shapes
+    python benchmarks/bench_layer.py                      # CPU fp32, the 3 LLaMA-like shapes
+    python benchmarks/bench_layer.py --dtype bf16 --tokens 128 --rounds 2   # CPU bf16 (emulated: slow)
     python benchmarks/bench_layer.py --threads 1 --rounds 9
     python benchmarks/bench_layer.py --chunks 128,256,512 # SPP time and peak vs kernel row chunking
     python benchmarks/bench_layer.py --shapes 7b --device cuda --dtype bf16
@@ -188,7 +189,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", choices=sorted(SHAPES), default="llama")
     p.add_argument("--tokens", type=int, default=None, help="tokens per step (default: 1024, 4096 for 7b)")
-    p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
+    p.add_argument("--dtype", default=None,
+                   help="comma list of fp32, bf16, fp16 (default: fp32 on CPU, where bf16 matmuls are emulated "
+                        "and ~50x slower without bf16 instructions, see README; bf16 on CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every method once)")
@@ -200,6 +203,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = require_device(args.device)
+    args.dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes, default_tokens = SHAPES[args.shapes]
