@@ -5,8 +5,8 @@ adapter with non-trivial factors (SPP ``init_weights=False``: random ``spp_B``; 
 ``init_lora_weights=False``: random ``lora_B``) and times ``merge_and_unload()`` alone. Methods alternate
 order between repetitions. SPP is timed with its default zero-set check (``sparsity_check="strict"``:
 the merged weight's zero set is compared with the base's, the package's guarantee), with the check off,
-and with the same strict check done by the proposed faster ``compare_zero_sets`` below (patched into
-``spp_peft.tuner.layer`` for that method only). CPU time (``time.process_time``) and wall time; medians over
+and with the strict check forced to the full element-wise comparison instead of the default count-based
+check (patched into ``spp_peft.tuner.layer`` for that method only). CPU time (``time.process_time``) and wall time; medians over
 repetitions.
 
 Usage:
@@ -28,24 +28,12 @@ sys.path.insert(0, HERE)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def proposed_compare_zero_sets(zeros_before, weight_after):
-    """The zero-set comparison proposed for ``spp_peft.sparsity.compare_zero_sets`` (same result): one
-    ``torch.equal`` of the two masks in the usual, unchanged case, counts (``count_nonzero``, not a bool
-    ``sum``) only when something changed. Measured here as ``spp_proposed_check``."""
-    import torch
+def elementwise_zero_set_change(weight_before, weight_after, zeros_cannot_fill=False):
+    """The zero-set check without the proof-based shortcut: always the full element-wise comparison
+    (what ``zero_set_change`` falls back to). Measured as ``spp_elementwise_check``."""
+    from spp_peft.sparsity import compare_zero_sets, zero_mask
 
-    from spp_peft.sparsity import ZeroSetChange, zero_mask
-
-    if tuple(zeros_before.shape) != tuple(weight_after.shape):
-        raise ValueError(
-            f"cannot compare zero sets of shapes {tuple(zeros_before.shape)} and {tuple(weight_after.shape)}"
-        )
-    zeros_after = zero_mask(weight_after.detach()).to(zeros_before.device)
-    if torch.equal(zeros_before, zeros_after):
-        return ZeroSetChange(filled=0, new_zeros=0)
-    filled = int(torch.count_nonzero(zeros_before & ~zeros_after))
-    new_zeros = int(torch.count_nonzero(~zeros_before & zeros_after))
-    return ZeroSetChange(filled=filled, new_zeros=new_zeros)
+    return compare_zero_sets(zero_mask(weight_before.detach()), weight_after)
 
 
 def main(argv=None) -> int:
@@ -72,8 +60,8 @@ def main(argv=None) -> int:
         "spp": lambda: spp_peft.SPPConfig(r=16, spp_alpha=32, target_modules=TARGETS, init_weights=False),
         "spp_check_off": lambda: spp_peft.SPPConfig(r=16, spp_alpha=32, target_modules=TARGETS,
                                                     init_weights=False, sparsity_check="off"),
-        "spp_proposed_check": lambda: spp_peft.SPPConfig(r=16, spp_alpha=32, target_modules=TARGETS,
-                                                         init_weights=False),
+        "spp_elementwise_check": lambda: spp_peft.SPPConfig(r=16, spp_alpha=32, target_modules=TARGETS,
+                                                            init_weights=False),
         "lora_r8": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False),
     }
     times = {k: {"wall": [], "cpu": []} for k in configs}
@@ -85,15 +73,15 @@ def main(argv=None) -> int:
             torch.manual_seed(rep)
             model = peft.get_peft_model(copy.deepcopy(base), configs[name]())
             n_layers = sum(1 for mod in model.modules() if isinstance(mod, peft.tuners.tuners_utils.BaseTunerLayer))
-            original = layer_module.compare_zero_sets
-            if name == "spp_proposed_check":
-                layer_module.compare_zero_sets = proposed_compare_zero_sets
+            original = layer_module.zero_set_change
+            if name == "spp_elementwise_check":
+                layer_module.zero_set_change = elementwise_zero_set_change
             try:
                 c0, t0 = time.process_time(), time.perf_counter()
                 merged = model.merge_and_unload()
                 t1, c1 = time.perf_counter(), time.process_time()
             finally:
-                layer_module.compare_zero_sets = original
+                layer_module.zero_set_change = original
             if rep:
                 times[name]["wall"].append(t1 - t0)
                 times[name]["cpu"].append(c1 - c0)

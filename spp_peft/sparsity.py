@@ -175,9 +175,30 @@ def compare_zero_sets(zeros_before: torch.Tensor, weight_after: torch.Tensor) ->
             f"cannot compare zero sets of shapes {tuple(zeros_before.shape)} and {tuple(weight_after.shape)}"
         )
     zeros_after = zero_mask(weight_after.detach()).to(zeros_before.device)
-    filled = int((zeros_before & ~zeros_after).sum().item())
-    new_zeros = int((~zeros_before & zeros_after).sum().item())
+    if torch.equal(zeros_before, zeros_after):  # the usual case: one comparison, no counting
+        return ZeroSetChange(filled=0, new_zeros=0)
+    filled = int(torch.count_nonzero(zeros_before & ~zeros_after))
+    new_zeros = int(torch.count_nonzero(~zeros_before & zeros_after))
     return ZeroSetChange(filled=filled, new_zeros=new_zeros)
+
+
+def zero_set_change(
+    weight_before: torch.Tensor, weight_after: torch.Tensor, zeros_cannot_fill: bool = False
+) -> ZeroSetChange:
+    """How the zero set changed from ``weight_before`` to ``weight_after`` (same layout).
+
+    With ``zeros_cannot_fill=True`` the caller guarantees, from the maths, that no zero of
+    ``weight_before`` can be non-zero in ``weight_after`` (SPP's ``W * (1 + D)`` with a finite ``D``:
+    ``0 * finite = 0``). The check then reads each weight once, counting non-zeros: no boolean masks, no
+    element-wise comparison. Counts that contradict the guarantee (more non-zeros after than before) fall
+    back to the full element-wise comparison, as does ``zeros_cannot_fill=False``.
+    """
+    if zeros_cannot_fill:
+        zeros_before = weight_before.numel() - int(torch.count_nonzero(weight_before))
+        zeros_after = weight_after.numel() - int(torch.count_nonzero(weight_after))
+        if zeros_after >= zeros_before:
+            return ZeroSetChange(filled=0, new_zeros=zeros_after - zeros_before)
+    return compare_zero_sets(zero_mask(weight_before.detach()), weight_after)
 
 
 CHECK_MODES = ("strict", "warn", "off")

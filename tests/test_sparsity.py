@@ -131,3 +131,43 @@ def test_assert_same_sparsity_new_zeros_policy():
 def test_assert_same_sparsity_missing_layer():
     with pytest.raises(SparsityViolation, match="missing"):
         assert_same_sparsity(model_with_masks(), nn.Sequential(nn.Linear(16, 8)))
+
+
+def test_zero_set_change_counts_when_fill_is_impossible():
+    from spp_peft.sparsity import zero_set_change
+
+    before = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 4.0]])
+    scaled = before * torch.tensor([[5.0, 0.5, 0.0], [2.0, 7.0, 1.5]])  # one new zero at (0, 2)
+    for cannot_fill in (True, False):
+        change = zero_set_change(before, scaled, zeros_cannot_fill=cannot_fill)
+        assert (change.filled, change.new_zeros) == (0, 1)
+    assert zero_set_change(before, before * 3, zeros_cannot_fill=True).unchanged
+
+
+def test_zero_set_change_falls_back_when_counts_contradict_the_guarantee():
+    from spp_peft.sparsity import zero_set_change
+
+    before = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    filled = torch.tensor([[0.5, 1.0], [2.0, 0.0]])  # fewer zeros after: impossible if the claim held
+    change = zero_set_change(before, filled, zeros_cannot_fill=True)
+    assert (change.filled, change.new_zeros) == (1, 0)
+
+
+def test_merge_with_non_finite_factor_uses_the_elementwise_check():
+    """A factor of inf turns 0 * inf into NaN: a filled zero, caught by the full comparison."""
+    from peft import get_peft_model
+
+    import spp_peft
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight[:, :4] = 0
+    peft_model = get_peft_model(model, spp_peft.SPPConfig(target_modules=["0"], r=1, spp_alpha=1))
+    layer = peft_model.base_model.model[0]
+    with torch.no_grad():
+        layer.spp_B["default"].fill_(float("inf"))
+    assert not layer._factor_is_finite(["default"])
+    before = layer.get_base_layer().weight.detach().clone()
+    with pytest.raises(SparsityViolation, match="turned 16 zero weight"):
+        peft_model.merge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, before)

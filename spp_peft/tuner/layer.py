@@ -17,7 +17,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..kernel import AdapterFactors, delta_factor, effective_weight, group_index, spp_linear
-from ..sparsity import MaskRecord, as_out_in, compare_zero_sets, conv1d_class, describe_mask, enforce_zero_set, zero_mask
+from ..sparsity import MaskRecord, as_out_in, conv1d_class, describe_mask, enforce_zero_set, zero_set_change
 
 
 class SPPLayer(BaseTunerLayer):
@@ -136,9 +136,21 @@ class SPPLayer(BaseTunerLayer):
             w = effective_weight(w, self.factors(target), dtype=torch.float32)
         return as_out_in(w, self.fan_in_fan_out).to(weight.dtype), lost
 
-    def _replace_weight_checked(self, new_weight: torch.Tensor, action: str, safe: bool) -> None:
+    def _factor_is_finite(self, adapters: list[str]) -> bool:
+        """True when ``D`` of ``adapters`` is provably finite, from the tiny factors alone:
+        ``|D| <= sum_a |s_a| max|B_a| max|A_a|`` below fp32's largest value. Then ``0 * (1 + D)`` and
+        ``0 / (1 + D)`` are exactly 0, so merging or unmerging cannot fill a zero (see ``zero_set_change``)."""
+        bound = 0.0
+        for a in adapters:
+            A, B = self.spp_A[a].detach(), self.spp_B[a].detach()
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                return False
+            bound += abs(self.scaling[a]) * float(B.abs().max()) * float(A.abs().max())
+        return math.isfinite(bound) and bound < torch.finfo(torch.float32).max
+
+    def _replace_weight_checked(self, new_weight: torch.Tensor, action: str, safe: bool, adapters: list[str]) -> None:
         """Write ``new_weight`` into the base layer after the finiteness and zero-set checks; on any failure
-        the base weight is left untouched."""
+        the base weight is left untouched. ``adapters`` are those whose factors produced ``new_weight``."""
         base_weight = self.get_base_layer().weight
         if safe and not torch.isfinite(new_weight).all():
             raise ValueError(
@@ -146,7 +158,7 @@ class SPPLayer(BaseTunerLayer):
                 f"unchanged. The adapter seems broken (check spp_A / spp_B for NaN or inf)."
             )
         if self.sparsity_check != "off":
-            change = compare_zero_sets(zero_mask(base_weight.detach()), new_weight)
+            change = zero_set_change(base_weight.detach(), new_weight, self._factor_is_finite(adapters))
             message = enforce_zero_set(self.spp_module_name, change, self.sparsity_check, action)
             if message:
                 warnings.warn(message)
@@ -166,7 +178,7 @@ class SPPLayer(BaseTunerLayer):
             return
         merged = [a for a in self.merged_adapters if a in self.spp_A]
         weight, _ = self._reweighted(self.get_base_layer().weight, merged, merged + to_merge)
-        self._replace_weight_checked(weight, "merge", safe_merge)
+        self._replace_weight_checked(weight, "merge", safe_merge, merged + to_merge)
         self.merged_adapters.extend(to_merge)
 
     def unmerge(self) -> None:
@@ -181,7 +193,7 @@ class SPPLayer(BaseTunerLayer):
                 f"unmerge of module '{self.spp_module_name}': {lost} weight(s) had a merged factor of exactly 0 "
                 f"and cannot be restored; they stay 0."
             )
-        self._replace_weight_checked(weight, "unmerge", safe=False)
+        self._replace_weight_checked(weight, "unmerge", safe=False, adapters=merged)
         self.merged_adapters = []
 
     def record_mask(self) -> MaskRecord:
