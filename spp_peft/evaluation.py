@@ -110,6 +110,7 @@ def zero_shot(
     batch_size: int = 4,
     metric: str = "acc",
     include_path: Optional[str] = None,
+    include_defaults: bool = True,
     device: Optional[Union[str, torch.device]] = None,
 ) -> dict[str, float]:
     """Zero-shot accuracy of an in-memory model on lm-eval tasks.
@@ -122,6 +123,7 @@ def zero_shot(
         batch_size: lm-eval batch size.
         metric: the metric to return per task (``"acc"``; ``"acc_norm"`` where the task has it).
         include_path: a folder of extra task YAML files (local tasks), passed to lm-eval's ``TaskManager``.
+        include_defaults: also index lm-eval's built-in tasks (slow to index; ``False`` with local tasks only).
         device: where to run (default: the model's device).
 
     Returns:
@@ -143,7 +145,8 @@ def zero_shot(
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
         out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
-                              task_manager=TaskManager(include_path=include_path), log_samples=False,
+                              task_manager=TaskManager(include_path=include_path, include_defaults=include_defaults),
+                              log_samples=False,
                               bootstrap_iters=0)
     finally:
         model.train(was_training)

@@ -14,7 +14,7 @@ import yaml
 from spp_peft import cli
 from spp_peft.recipe import QUICKSTART_YAML, RecipeError, load_recipe
 
-from ._pipeline_fixtures import save_dense
+from ._pipeline_fixtures import one_thread, save_dense, all_threads  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,12 +227,13 @@ def test_module_entry_point(tmp_path):
 @pytest.mark.slow
 def test_demo_with_a_tiny_budget(tmp_path, capsys):
     """The demo recipe on the real SmolLM2-135M, every stage, with a budget small enough for CI."""
-    code = cli.main([
-        "demo", "--output-dir", str(tmp_path / "demo"), "-q",
-        "--set", "pruning.nsamples=4", "--set", "pruning.seqlen=128",
-        "--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "data.cutoff_len=64",
-        "--set", "eval.seqlen=128", "--set", "eval.max_tokens=256", "--set", "train.save_steps=0",
-    ])
+    with all_threads():
+        code = cli.main([
+            "demo", "--output-dir", str(tmp_path / "demo"), "-q",
+            "--set", "pruning.nsamples=4", "--set", "pruning.seqlen=128",
+            "--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "data.cutoff_len=64",
+            "--set", "eval.seqlen=128", "--set", "eval.max_tokens=256", "--set", "train.save_steps=0",
+        ])
     assert code == 0
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     for ds in ("heldout", "ood"):

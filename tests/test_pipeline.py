@@ -13,7 +13,7 @@ from spp_peft import pipeline as P
 from spp_peft.recipe import load_recipe
 from spp_peft.sparsity import SparsityViolation, assert_same_sparsity
 
-from ._pipeline_fixtures import pruned_tiny, save_dense
+from ._pipeline_fixtures import one_thread, pruned_tiny, save_dense  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,8 @@ def test_zero_shot_bridge_scores_the_in_memory_model(tmp_path):
         "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
         "metric_list:\n  - metric: acc\n"
     )
-    scores = zero_shot(model, tokenizer, ["spp_tiny_choice"], include_path=str(tmp_path), batch_size=2)
+    scores = zero_shot(model, tokenizer, ["spp_tiny_choice"], include_path=str(tmp_path),
+                        include_defaults=False, batch_size=2)
 
     def loglik(context, continuation):  # byte tokenizer: one token per byte
         ctx, cont = tokenizer(context)["input_ids"], tokenizer(continuation)["input_ids"]

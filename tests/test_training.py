@@ -20,7 +20,7 @@ from spp_peft.data import (
 )
 from spp_peft.sparsity import SparsityViolation, assert_same_sparsity
 
-from ._pipeline_fixtures import pruned_tiny
+from ._pipeline_fixtures import one_thread, pruned_tiny  # noqa: F401 (one_thread: autouse fixture)
 
 CFG = dict(r=4, alpha=8, lr=1e-2, batch_size=2, progress=False, logging_steps=1)
 
