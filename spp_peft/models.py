@@ -221,10 +221,19 @@ def _write_cache(model: nn.Module, tokenizer, folder: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _CACHE_MARKER).write_text(f'{{"source": "{SMOLLM2_GGUF}"}}\n')
+        if _cache_complete(folder):
+            # Another process (e.g. a parallel test worker) finished the same cache first: keep theirs.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if folder.exists():
             # An incomplete folder left by an older crash: replace it.
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not _cache_complete(folder):  # lost a race to a complete cache: fine; anything else: raise
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
