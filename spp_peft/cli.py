@@ -75,10 +75,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip:
 
 
 def _metavar(tp) -> str:
-    text = str(tp).replace("typing.", "")
-    for word, short in (("Optional", "?"), ("NoneType", "null")):
-        text = text.replace(word, short)
-    return "VALUE" if len(text) > 24 else text.replace("<class '", "").replace("'>", "").upper()
+    from spp_peft.recipe import _type_name
+
+    return _type_name(tp).upper().replace(" ", "_")
 
 
 def dataclass_from_flags(args: argparse.Namespace, cls, prefix: str, base: Optional[dict] = None):
@@ -173,6 +172,8 @@ def cmd_train(args, extra) -> int:
 
     data = dataclass_from_flags(args, DataConfig, "data")
     cfg = dataclass_from_flags(args, TrainConfig, "train")
+    if args.quiet:
+        cfg.progress = False
     try:
         data.validate()
         cfg.validate()

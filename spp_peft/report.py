@@ -103,6 +103,7 @@ def result_rows(results: dict) -> list[dict]:
         row["verified"] = None if verified is None else bool(verified.get("ok"))
         training = results.get("training", {}).get(model) or {}
         row["train_seconds"] = training.get("seconds")
+        row["resumed"] = bool(training.get("resumed_from"))
         row["lr"] = training.get("lr")
         rows.append(row)
     return rows
@@ -121,7 +122,7 @@ def format_table(results: dict, markdown: bool = False) -> str:
         cells.append("-" if row["sparsity"] is None else f"{row['sparsity']:.2%}")
         cells.append({None: "-", True: "yes", False: "NO"}[row["verified"]])
         cells.append("-" if row["lr"] is None else f"{row['lr']:g}")
-        cells.append(_fmt(row["train_seconds"], 0))
+        cells.append(_fmt(row["train_seconds"], 0) + (" (resumed)" if row["resumed"] else ""))
         body.append(cells)
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -472,11 +472,16 @@ def train(
         cfg.max_steps if cfg.max_steps > 0 else f"{cfg.epochs:g} epoch(s) of", cfg.batch_size, cfg.grad_accum,
     )
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    finished = _finished_state(resume) if resume else None
+    if finished is not None:
+        # The checkpoint is the end of this very run: load it. (Trainer would run one step past max_steps.)
+        _load_adapter_weights(model, resume)
+        steps, history = int(finished["global_step"]), [dict(e) for e in finished.get("log_history", [])]
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+        steps, history = int(trainer.state.global_step), [dict(e) for e in trainer.state.log_history]
     seconds = time.perf_counter() - start
     model.eval()
-    steps = int(trainer.state.global_step)
-    history = [dict(e) for e in trainer.state.log_history]
     tokens = _tokens_seen(dataset, steps * cfg.batch_size * cfg.grad_accum)
     result = TrainResult(method, model, None, history, steps, seconds, tokens, lr, len(dataset), resume)
     (out / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
@@ -515,6 +520,33 @@ def _prepare_checkpoints(ckpt_dir: Path, identity: dict, resume: bool) -> Option
         checkpoint = None
     marker.write_text(json.dumps(identity, indent=1) + "\n")
     return checkpoint
+
+
+def _finished_state(checkpoint: str) -> Optional[dict]:
+    """The Trainer state of ``checkpoint`` if it is the last step of its run, else ``None``."""
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    done = state.get("max_steps") and int(state.get("global_step", 0)) >= int(state["max_steps"])
+    return state if done else None
+
+
+def _load_adapter_weights(model: nn.Module, checkpoint: str) -> None:
+    """Load the adapter weights a Trainer checkpoint holds into ``model`` (a ``PeftModel``), exactly."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    files = sorted(Path(checkpoint).glob("adapter_model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint} holds no adapter_model.safetensors")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"{checkpoint}: adapter weights do not fit the model: {unexpected[:3]}")
 
 
 def _tokens_seen(dataset: TokenDataset, sequences: int) -> int:

@@ -216,10 +216,12 @@ def test_paper_recipes():
         assert recipe.pruning.method in ("wanda", "sparsegpt")
 
 
-def test_module_entry_point(tmp_path):
+def test_command_line_entry_point(tmp_path):
+    """The installed `spp-peft` script (what `make demo` runs), else `python -m spp_peft`."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "spp_peft", "keys"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    script = Path(sys.executable).with_name("spp-peft")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "spp_peft"]
+    done = subprocess.run([*command, "keys"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "train.lr" in done.stdout
 

@@ -71,6 +71,8 @@ def test_table_rows_and_text(results):
     spp_line = next(line for line in lines if line.startswith("SPP"))
     assert "31.62" in spp_line and "50%" in spp_line and "yes" in spp_line
     assert "NO" in next(line for line in lines if line.startswith("LoRA*"))
+    results["training"]["spp"]["resumed_from"] = "/run/spp/checkpoints/checkpoint-3"
+    assert "12 (resumed)" in next(line for line in R.format_table(results).splitlines() if line.startswith("SPP"))
     md = R.format_table(results, markdown=True)
     assert md.splitlines()[1].startswith("|---")
 

@@ -194,6 +194,10 @@ def test_train_saves_adapter_and_resume_equals_uninterrupted(pruned, dataset, tm
     assert resumed.steps == 6
     torch.testing.assert_close(_spp_b(resumed.model), _spp_b(full.model), rtol=1e-5, atol=1e-6)
     assert resumed.losses[:4] == first.losses
+    # A finished run resumes from its last checkpoint without training again, to the same adapter.
+    again = T.train(T.prepare_model(copy.deepcopy(base), "spp", cfg), tokenizer, "spp", dataset, cfg, tmp_path / "a")
+    assert again.resumed_from.endswith("checkpoint-6") and again.steps == 6 and again.losses == full.losses
+    torch.testing.assert_close(_spp_b(again.model), _spp_b(full.model))
 
 
 def test_changed_settings_do_not_resume_old_checkpoints(pruned, dataset, tmp_path):
