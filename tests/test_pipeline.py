@@ -150,3 +150,24 @@ def test_zero_shot_bridge_scores_the_in_memory_model(tmp_path):
 
     hits = [max(range(3), key=lambda c: loglik(d["question"], " " + d["choices"][c])) == d["answer"] for d in docs]
     assert scores["spp_tiny_choice"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_run_on_an_already_pruned_model(tmp_path):
+    """pruning.method: none takes the model as it is (here: a pruned model saved by `spp-peft prune`)."""
+    from ._pipeline_fixtures import save_pruned_tiny
+
+    pruned_dir = save_pruned_tiny(tmp_path / "pruned_in")
+    recipe = load_recipe({
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": str(pruned_dir)},
+        "pruning": {"method": "none"},
+        "data": {"cutoff_len": 32, "max_samples": 8},
+        "train": {"methods": ["spp"], "max_steps": 1, "batch_size": 2, "r": 4, "progress": False},
+        "eval": {"seqlen": 32, "max_tokens": 128, "dense": False, "datasets": {"heldout": "builtin:heldout"}},
+        "report": {"plots": False},
+    })
+    results = P.run(recipe, show_progress=False, echo=None)
+    assert results["pruning"]["method"] == "magnitude"  # the metadata the input model carries
+    assert set(results["perplexity"]["heldout"]) == {"pruned", "spp"}
+    assert results["verified"]["spp"]["ok"] and results["verified"]["spp"]["layers"] == 14
+    assert (tmp_path / "run" / "merged" / "spp" / "model.safetensors").is_file()
