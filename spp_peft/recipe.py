@@ -61,17 +61,47 @@ class ModelSection:
     dtype: str = field(default="float32", metadata={"help": "Parameter dtype: float32, bfloat16 or float16."})
 
 
+def _doc_attributes(cls) -> dict[str, str]:
+    """``{name: text}`` from the "Attributes:" section of a Google-style class docstring."""
+    doc = (cls.__doc__ or "").expandtabs()
+    if "Attributes:" not in doc:
+        return {}
+    found: dict[str, str] = {}
+    current, indent = None, None
+    for line in doc.split("Attributes:", 1)[1].splitlines()[1:]:
+        if not line.strip():
+            continue
+        width = len(line) - len(line.lstrip())
+        indent = width if indent is None else indent
+        if width < indent:
+            break
+        head, sep, text = line.strip().partition(":")
+        if width == indent and sep:
+            for name in head.split(","):
+                found[name.strip()] = text.strip()
+            current = [n.strip() for n in head.split(",")]
+        elif current:
+            for name in current:
+                found[name] = f"{found[name]} {line.strip()}"
+    return found
+
+
 def _pruning_config_fields() -> list[tuple[str, Any, Any]]:
-    """The fields of ``PruningConfig`` (one definition: the pruning module's), minus what the pipeline fills in."""
+    """The fields of ``PruningConfig`` (one definition: the pruning module's), minus what the pipeline fills in.
+
+    Their help text is the ``Attributes:`` section of ``PruningConfig``'s docstring."""
     from spp_peft.pruning import PruningConfig
 
     hints = typing.get_type_hints(PruningConfig)
+    docs = _doc_attributes(PruningConfig)
     out = []
     for f in dataclasses.fields(PruningConfig):
         if f.name == "calibration_source":  # written by the pipeline from `calibration`
             continue
-        default = field(default=f.default, metadata=f.metadata) if f.default is not dataclasses.MISSING else \
-            field(default_factory=f.default_factory, metadata=f.metadata)
+        metadata = dict(f.metadata)
+        metadata.setdefault("help", docs.get(f.name, ""))
+        default = field(default=f.default, metadata=metadata) if f.default is not dataclasses.MISSING else \
+            field(default_factory=f.default_factory, metadata=metadata)
         out.append((f.name, hints[f.name], default))
     return out
 

@@ -176,6 +176,8 @@ def test_keys_lists_every_section(capsys):
     for key in ("model.name_or_path", "pruning.pattern", "pruning.nsamples", "data.train_on_inputs", "train.lr",
                 "train.method_lr", "eval.datasets", "export.methods", "report.plots"):
         assert key in out
+    # The pruning keys are PruningConfig's fields, documented by its docstring.
+    assert "N:M" in next(line for line in out.splitlines() if line.startswith("pruning.pattern "))
 
 
 def test_estimate_delegates(tiny_dir, capsys):
