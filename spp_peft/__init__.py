@@ -7,20 +7,22 @@ Models", ICML 2024, arXiv:2405.16057.
 """
 
 from . import _registration
-from .hub import AutoSPPModelForCausalLM, install_model_card_hook, load_adapter
+from .hub import AutoSPPModelForCausalLM, install_load_guard, install_model_card_hook, load_adapter
 from .sparsity import SparsityViolation, assert_same_sparsity, sparsity_report
-from .tuner import SPPConfig, SPPLayer, SPPModel
+from .tuner import AdapterFileError, SPPConfig, SPPLayer, SPPModel
 
 __version__ = "0.1.0"
 
 _registration.register()
 install_model_card_hook()
+install_load_guard()
 
 __all__ = [
     "SPPConfig",
     "SPPModel",
     "SPPLayer",
     "SparsityViolation",
+    "AdapterFileError",
     "sparsity_report",
     "assert_same_sparsity",
     "load_adapter",

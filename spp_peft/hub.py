@@ -7,6 +7,9 @@ from any script; the model card written next to every saved adapter says the sam
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import os
 from typing import Optional
 
@@ -121,13 +124,73 @@ def load_adapter(
     """
     from peft import PeftModel
 
+    from . import _registration
     from .tuner import SPPConfig
 
+    _registration.register()
     config = SPPConfig.from_pretrained(adapter_path)
     config.verify_base_masks = verify_base_masks
     return PeftModel.from_pretrained(
         model, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
     )
+
+
+def _spp_adapter_config(path, peft_config):
+    """The SPPConfig of an adapter folder (or the given config) if it is an SPP adapter, else None."""
+    from ._registration import spp_peft_type
+    from .tuner import SPPConfig
+
+    if peft_config is not None:
+        return peft_config if getattr(peft_config, "peft_type", None) == spp_peft_type() else None
+    config_file = os.path.join(str(path), "adapter_config.json") if path is not None else None
+    if config_file is None or not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as handle:
+        if json.load(handle).get("peft_type") != spp_peft_type().value:
+            return None
+    return SPPConfig.from_pretrained(str(path))
+
+
+def check_adapter_file(model: nn.Module, path, adapter_name: str, peft_config=None, state_dict=None) -> None:
+    """Check an SPP adapter's tensors against ``model`` (not yet adapted) before any loader writes them.
+
+    transformers' ``load_adapter`` copies the file's tensors into the model itself, past PEFT's loading code;
+    this runs the same checks as every PEFT path (:func:`spp_peft.tuner.checks.check_adapter_tensors`).
+    """
+    from peft.utils import load_peft_weights
+
+    from .tuner.checks import check_adapter_tensors, resolve_targets, validate_targets
+    from .tuner.model import SPPModel
+
+    config = _spp_adapter_config(path, peft_config)
+    if config is None:
+        return
+    config = SPPModel._prepare_adapter_config(copy.deepcopy(config), getattr(model, "config", None))
+    targets = validate_targets(resolve_targets(model, config), config.r)
+    if state_dict is None:
+        state_dict = load_peft_weights(str(path), device="cpu")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_adapter_tensors(state_dict, targets, config, adapter_name, shapes)
+
+
+def install_load_guard() -> None:
+    """Make transformers' ``model.load_adapter`` check SPP adapter files first (idempotent)."""
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:  # pragma: no cover - transformers without its PEFT integration
+        return
+    original = PeftAdapterMixin.load_adapter
+    if getattr(original, "_spp_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None,
+                     *args, **kwargs):
+        check_adapter_file(self, peft_model_id, adapter_name or "default", peft_config, adapter_state_dict)
+        return original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
+
+    load_adapter._spp_wrapped = True
+    PeftAdapterMixin.load_adapter = load_adapter
 
 
 class AutoSPPModelForCausalLM:

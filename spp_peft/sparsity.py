@@ -45,6 +45,16 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like layer (``Conv1D`` stores its weight as ``(in, out)``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_linear_like(module):
+        in_features, out_features = module.weight.shape
+        return int(in_features), int(out_features)
+    raise ValueError(f"{type(module).__name__} is not a linear layer (nn.Linear or transformers' Conv1D)")
+
+
 def as_out_in(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
     """View ``weight`` as ``(out_features, in_features)``."""
     return weight.T if fan_in_fan_out else weight

@@ -1,7 +1,8 @@
 """The SPP tuner for PEFT: config, layers and model, split like PEFT's own tuners."""
 
+from .checks import AdapterFileError
 from .config import SPP_TARGET_MODULES_MAPPING, SPPConfig
 from .layer import Linear, SPPLayer
 from .model import SPPModel
 
-__all__ = ["SPPConfig", "SPPLayer", "Linear", "SPPModel", "SPP_TARGET_MODULES_MAPPING"]
+__all__ = ["AdapterFileError", "SPPConfig", "SPPLayer", "Linear", "SPPModel", "SPP_TARGET_MODULES_MAPPING"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import InitVar, dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
@@ -25,6 +26,14 @@ SPP_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
+
+
+# s = alpha / r scales factors that start near 1; far beyond this the merged weights overflow fp16/bf16.
+MAX_ALPHA = 1e6
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -53,10 +62,13 @@ class SPPConfig(PeftConfig):
             exactly at the pruned model); False gives ``spp_B`` a random init too (testing only).
         sparsity_check: "strict" (default), "warn" or "off": what to do when a merge or unmerge changes a
             zero set (a filled zero is always an error unless "off").
-        verify_base_masks: when loading an adapter, check that the base's zero masks have the fingerprints
-            recorded at training time.
-        base_masks: recorded automatically: per target module, the shape, sparsity, pattern and fingerprint
-            of the base weight's zero mask. Saved in ``adapter_config.json``.
+        verify_base_masks: accepted for old ``adapter_config.json`` files and ignored there: whether a loaded
+            adapter is checked against its base is the loading person's choice, never the file's
+            (``spp_peft.load_adapter(model, path, verify_base_masks=False)``). Set on a config you build
+            yourself, it applies to loads that use that config.
+        base_masks: recorded at injection into a copy of this config (the config you pass stays reusable): per
+            target module, the shape, sparsity, pattern and fingerprint of the base weight's zero mask. Saved in
+            ``adapter_config.json``; a saved adapter must record every module it targets.
         base_pruning: recorded automatically from ``model.config.spp_pruning`` (how the base was pruned).
         chunk_rows: let the SPP kernel process output rows in blocks of about this many rows, bounding its
             weight-sized temporaries (less memory, a little slower); ``None`` processes a layer at once.
@@ -105,12 +117,8 @@ class SPPConfig(PeftConfig):
         default="strict",
         metadata={"help": "After merge/unmerge: 'strict' raises on any zero-set change, 'warn' warns on new zeros."},
     )
-    verify_base_masks: bool = field(
-        default=True,
-        metadata={"help": "On load, check the base's zero masks against the fingerprints saved with the adapter."},
-    )
-    base_masks: dict = field(
-        default_factory=dict,
+    base_masks: Optional[dict] = field(
+        default=None,
         metadata={"help": "Recorded at injection: per target module, shape/sparsity/pattern/fingerprint of its mask."},
     )
     base_pruning: Optional[dict] = field(
@@ -121,7 +129,14 @@ class SPPConfig(PeftConfig):
         metadata={"help": "Kernel option: process output rows in blocks of ~this many rows to save memory."},
     )
 
-    def __post_init__(self):
+    # Not a field: never saved, so an adapter file cannot switch its own check off (see the docstring).
+    verify_base_masks: InitVar[Optional[bool]] = None
+
+    def __post_init__(self, verify_base_masks: Optional[bool] = None):
+        # A config read from a saved adapter carries its peft_type (PEFT writes it) or its mask records; one
+        # built in code has neither. Only a config built in code may turn the mask check off.
+        self.from_saved_adapter = self.peft_type is not None or self.base_masks is not None
+        self.verify_base_masks = True if self.from_saved_adapter or verify_base_masks is None else bool(verify_base_masks)
         super().__post_init__()
         from .._registration import spp_peft_type
 
@@ -138,7 +153,11 @@ class SPPConfig(PeftConfig):
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"SPPConfig.r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.spp_dropout) < 1.0:
+        if not _is_number(self.spp_alpha) or not math.isfinite(self.spp_alpha) or abs(self.spp_alpha) > MAX_ALPHA:
+            raise ValueError(
+                f"SPPConfig.spp_alpha must be a finite number with |spp_alpha| <= {MAX_ALPHA:g}, got {self.spp_alpha!r}"
+            )
+        if not _is_number(self.spp_dropout) or not 0.0 <= float(self.spp_dropout) < 1.0:
             raise ValueError(f"SPPConfig.spp_dropout must be in [0, 1), got {self.spp_dropout!r}")
         if self.bias not in ("none", "all", "spp_only"):
             raise ValueError(f"SPPConfig.bias must be 'none', 'all' or 'spp_only', got {self.bias!r}")

@@ -17,14 +17,27 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..kernel import AdapterFactors, delta_factor, effective_weight, group_index, spp_linear
-from ..sparsity import MaskRecord, as_out_in, conv1d_class, describe_mask, enforce_zero_set, zero_set_change
+from ..sparsity import (
+    CHECK_MODES,
+    MaskRecord,
+    SparsityViolation,
+    as_out_in,
+    conv1d_class,
+    describe_mask,
+    enforce_zero_set,
+    in_out_features,
+    is_linear_like,
+    mask_fingerprint,
+    zero_mask,
+    zero_set_change,
+)
 
 
 class SPPLayer(BaseTunerLayer):
     """State shared by SPP layers: per adapter ``spp_A`` (r, in), ``spp_B`` (out,), scale and dropout."""
 
     adapter_layer_names = ("spp_A", "spp_B")
-    other_param_names = ("r", "spp_alpha", "scaling", "spp_dropout")
+    other_param_names = ("r", "spp_alpha", "scaling", "spp_dropout", "sparsity_check")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -37,25 +50,20 @@ class SPPLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
-        # Set by SPPModel at injection: the module's name (for error messages), the integrity policy, the
-        # kernel's row-chunking and the record of the base weight's zero mask.
+        # The module's name (for error messages), each adapter's integrity policy (set from its config in
+        # update_layer), the kernel's row-chunking and the record of the base weight's zero mask at injection.
         self.spp_module_name: str = kwargs.get("module_name", "<unnamed>")
-        self.sparsity_check: str = kwargs.get("sparsity_check", "strict")
+        self.sparsity_check: dict[str, str] = {}
         self.chunk_rows: Optional[int] = kwargs.get("chunk_rows")
         self.mask_record: Optional[MaskRecord] = None
 
         base = self.get_base_layer()
-        conv1d = conv1d_class()
-        if isinstance(base, nn.Linear):
-            self.in_features, self.out_features = base.in_features, base.out_features
-        elif conv1d is not None and isinstance(base, conv1d):
-            # Conv1D stores its weight as (in, out).
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            raise TypeError(
+        if not is_linear_like(base):
+            raise ValueError(
                 f"SPP supports nn.Linear and transformers' Conv1D; module '{self.spp_module_name}' is "
                 f"{type(base).__name__}"
             )
+        self.in_features, self.out_features = in_out_features(base)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -70,6 +78,7 @@ class SPPLayer(BaseTunerLayer):
         spp_dropout: float,
         init_weights: bool = True,
         inference_mode: bool = False,
+        sparsity_check: str = "strict",
     ) -> None:
         """Add (or re-create) the adapter ``adapter_name`` on this layer."""
         if not 1 <= r <= self.out_features:
@@ -77,7 +86,10 @@ class SPPLayer(BaseTunerLayer):
                 f"SPP r={r} is invalid for module '{self.spp_module_name}' with out_features={self.out_features}: "
                 f"r is the number of row groups and must satisfy 1 <= r <= out_features."
             )
+        if sparsity_check not in CHECK_MODES:
+            raise ValueError(f"sparsity_check must be one of {CHECK_MODES}, got {sparsity_check!r}")
         self.r[adapter_name] = r
+        self.sparsity_check[adapter_name] = sparsity_check
         self.spp_alpha[adapter_name] = spp_alpha
         self.scaling[adapter_name] = spp_alpha / r
         self.spp_dropout[adapter_name] = nn.Dropout(p=spp_dropout) if spp_dropout > 0 else nn.Identity()
@@ -148,37 +160,87 @@ class SPPLayer(BaseTunerLayer):
             bound += abs(self.scaling[a]) * float(B.abs().max()) * float(A.abs().max())
         return math.isfinite(bound) and bound < torch.finfo(torch.float32).max
 
-    def _replace_weight_checked(self, new_weight: torch.Tensor, action: str, safe: bool, adapters: list[str]) -> None:
-        """Write ``new_weight`` into the base layer after the finiteness and zero-set checks; on any failure
-        the base weight is left untouched. ``adapters`` are those whose factors produced ``new_weight``."""
-        base_weight = self.get_base_layer().weight
+    def _check_mode(self, adapters: list[str]) -> str:
+        """The strictest integrity policy among ``adapters`` (each adapter keeps its own)."""
+        return min((self.sparsity_check.get(a, "strict") for a in adapters), key=CHECK_MODES.index)
+
+    def verify_base_mask(self) -> None:
+        """Raise unless the (unmerged) base weight still has the zero mask recorded at injection: whatever wrote
+        into the base since then (a loader, user code), the adapter no longer matches it."""
+        if self.mask_record is None or self.merged:
+            return
+        weight = as_out_in(self.get_base_layer().weight.detach(), self.fan_in_fan_out)
+        if mask_fingerprint(zero_mask(weight)) != self.mask_record.fingerprint:
+            actual = describe_mask(weight)
+            raise SparsityViolation(
+                f"module '{self.spp_module_name}': the base weight's zero mask changed since the adapter was attached "
+                f"(sparsity {self.mask_record.sparsity:.2%} -> {actual.sparsity:.2%}); refusing to merge, the model "
+                "is unchanged"
+            )
+
+    def _checked(self, new_weight: torch.Tensor, action: str, safe: bool, adapters: list[str], emit: bool) -> None:
+        """Raise if writing ``new_weight`` would break the finiteness (``safe``) or zero-set policy. ``adapters``
+        are those whose factors produced it. Nothing is written here."""
         if safe and not torch.isfinite(new_weight).all():
             raise ValueError(
-                f"{action} of module '{self.spp_module_name}' produced non-finite weights; the base weight is "
-                f"unchanged. The adapter seems broken (check spp_A / spp_B for NaN or inf)."
+                f"{action} of module '{self.spp_module_name}' produced non-finite weights; the model is unchanged. "
+                f"The adapter seems broken (check spp_A / spp_B for NaN or inf)."
             )
-        if self.sparsity_check != "off":
-            change = zero_set_change(base_weight.detach(), new_weight, self._factor_is_finite(adapters))
-            message = enforce_zero_set(self.spp_module_name, change, self.sparsity_check, action)
-            if message:
+        mode = self._check_mode(adapters)
+        if mode != "off":
+            change = zero_set_change(self.get_base_layer().weight.detach(), new_weight, self._factor_is_finite(adapters))
+            message = enforce_zero_set(self.spp_module_name, change, mode, action)
+            if message and emit:
                 warnings.warn(message)
-        with torch.no_grad():
-            base_weight.copy_(new_weight)
+
+    def _planned_merge(self, safe_merge: bool, adapter_names: Optional[list[str]], emit: bool):
+        """``(adapters to merge, merged weight)`` after every check, or ``([], None)`` when nothing is to merge."""
+        adapter_names = check_adapters_to_merge(self, adapter_names) if emit else (adapter_names or self.active_adapters)
+        to_merge = [a for a in adapter_names if a in self.spp_A and a not in self.merged_adapters]
+        if not to_merge:
+            return [], None
+        self.verify_base_mask()
+        merged = [a for a in self.merged_adapters if a in self.spp_A]
+        weight, _ = self._reweighted(self.get_base_layer().weight, merged, merged + to_merge)
+        self._checked(weight, "merge", safe_merge, merged + to_merge, emit)
+        return to_merge, weight
+
+    def _planned_unmerge(self, emit: bool) -> Optional[torch.Tensor]:
+        merged = [a for a in self.merged_adapters if a in self.spp_A]
+        if not merged:
+            return None
+        weight, lost = self._reweighted(self.get_base_layer().weight, merged, [])
+        if lost and emit:
+            warnings.warn(
+                f"unmerge of module '{self.spp_module_name}': {lost} weight(s) had a merged factor of exactly 0 "
+                f"and cannot be restored; they stay 0."
+            )
+        self._checked(weight, "unmerge", False, merged, emit)
+        return weight
+
+    def check_merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Raise exactly as :meth:`merge` would, without writing anything (lets a model merge all-or-nothing)."""
+        self._planned_merge(safe_merge, adapter_names, emit=False)
+
+    def check_unmerge(self) -> None:
+        """Raise exactly as :meth:`unmerge` would, without writing anything."""
+        self._planned_unmerge(emit=False)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge the active adapters (or ``adapter_names``) into the base weight: ``W <- W * (1 + sum D)``.
 
+        Every check (recorded mask, finiteness with ``safe_merge``, zero set) passes before the weight is written;
+        on a refusal the layer is unchanged.
+
         Args:
-            safe_merge: refuse (and leave the weight untouched) if the merged weight is not finite.
+            safe_merge: refuse if the merged weight is not finite.
             adapter_names: adapters to merge; default: the active ones.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        to_merge = [a for a in adapter_names if a in self.spp_A]
-        if not to_merge:
+        to_merge, weight = self._planned_merge(safe_merge, adapter_names, emit=True)
+        if weight is None:
             return
-        merged = [a for a in self.merged_adapters if a in self.spp_A]
-        weight, _ = self._reweighted(self.get_base_layer().weight, merged, merged + to_merge)
-        self._replace_weight_checked(weight, "merge", safe_merge, merged + to_merge)
+        with torch.no_grad():
+            self.get_base_layer().weight.copy_(weight)
         self.merged_adapters.extend(to_merge)
 
     def unmerge(self) -> None:
@@ -186,14 +248,10 @@ class SPPLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        merged = [a for a in self.merged_adapters if a in self.spp_A]
-        weight, lost = self._reweighted(self.get_base_layer().weight, merged, [])
-        if lost:
-            warnings.warn(
-                f"unmerge of module '{self.spp_module_name}': {lost} weight(s) had a merged factor of exactly 0 "
-                f"and cannot be restored; they stay 0."
-            )
-        self._replace_weight_checked(weight, "unmerge", safe=False, adapters=merged)
+        weight = self._planned_unmerge(emit=True)
+        if weight is not None:
+            with torch.no_grad():
+                self.get_base_layer().weight.copy_(weight)
         self.merged_adapters = []
 
     def record_mask(self) -> MaskRecord:
@@ -214,12 +272,13 @@ class Linear(nn.Module, SPPLayer):
         spp_dropout: float = 0.0,
         init_weights: bool = True,
         inference_mode: bool = False,
+        sparsity_check: str = "strict",
         **kwargs,
     ) -> None:
         super().__init__()
         SPPLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, spp_alpha, spp_dropout, init_weights, inference_mode)
+        self.update_layer(adapter_name, r, spp_alpha, spp_dropout, init_weights, inference_mode, sparsity_check)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         device_type = x.device.type
@@ -255,7 +314,9 @@ class Linear(nn.Module, SPPLayer):
                 f"{len(adapter_names)} and {len(x)} respectively."
             )
         if self.merged:
-            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, call `unmerge_adapter` first.")
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each sample uses its own adapter (``"__base__"`` = the pruned base alone)."""

@@ -6,6 +6,7 @@ arXiv:2405.16057.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from contextlib import contextmanager
@@ -15,9 +16,20 @@ from typing import Optional
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import _get_submodules
 
-from ..sparsity import MaskRecord, SparsityViolation, describe_mask, is_linear_like, sparsity_report
+from ..sparsity import sparsity_report
+from .checks import (
+    PEFT_PREFIX,
+    AdapterFileError,
+    Target,
+    base_of,
+    check_adapter_tensors,
+    check_base_masks,
+    resolve_targets,
+    validate_targets,
+)
 from .config import SPP_TARGET_MODULES_MAPPING, SPPConfig
 from .layer import Linear, SPPLayer
 
@@ -53,9 +65,14 @@ class SPPModel(BaseTuner):
     tuner_layer_cls = SPPLayer
     target_module_mapping = SPP_TARGET_MODULES_MAPPING
 
-    def _prepare_adapter_config(self, peft_config: SPPConfig, model_config: dict) -> SPPConfig:
+    @classmethod
+    def _prepare_adapter_config(cls, peft_config: SPPConfig, model_config) -> SPPConfig:
+        """Default targets per architecture (a classmethod: an adapter file is checked before a tuner exists)."""
+        if model_config is not None and not isinstance(model_config, dict):
+            model_config = model_config.to_dict()
+        model_config = model_config or {}
         if peft_config.target_modules is None:
-            targets = self.target_module_mapping.get(model_config.get("model_type"))
+            targets = cls.target_module_mapping.get(model_config.get("model_type"))
             if targets is None:
                 logger.info("SPP: no default targets for model_type=%r, adapting all linear layers.",
                             model_config.get("model_type"))
@@ -64,44 +81,33 @@ class SPPModel(BaseTuner):
                 peft_config.target_modules = set(targets)
         return peft_config
 
-    # ------------------------------------------------------------------------------ mask fingerprints
+    # ------------------------------------------------------------------------------------- injection
 
-    @staticmethod
-    def _base_weight(module: nn.Module) -> Optional[torch.Tensor]:
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        return base.weight if is_linear_like(base) else None
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        """PEFT's injection, made all-or-nothing: targets and recorded masks are checked before any module is
+        replaced, and a failure during injection restores every replaced module.
 
-    def _pre_injection_hook(self, model: nn.Module, config: SPPConfig, adapter_name: str) -> None:
-        """Before any module is touched: check the base's masks against the ones the adapter was trained on."""
-        if not config.base_masks or not config.verify_base_masks:
-            return
-        mismatches = []
-        modules = dict(model.named_modules())
-        missing = [name for name in config.base_masks if name not in modules]
-        if missing:
-            mismatches.append(f"module '{missing[0]}' is missing from the base model")
-        # Model order, so the error names the first mismatching module of the network.
-        for name, module in modules.items():
-            if mismatches:
-                break
-            if name not in config.base_masks:
-                continue
-            recorded = MaskRecord.from_dict(config.base_masks[name])
-            module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            actual = describe_mask(module.weight, fan_in_fan_out=not isinstance(module, nn.Linear))
-            if actual.fingerprint != recorded.fingerprint:
-                mismatches.append(
-                    f"module '{name}': the adapter was trained on a mask with sparsity {recorded.sparsity:.2%} "
-                    f"({recorded.pattern}, shape {recorded.shape}, fingerprint {recorded.fingerprint[:12]}), the "
-                    f"base has sparsity {actual.sparsity:.2%} ({actual.pattern}, shape {actual.shape}, "
-                    f"fingerprint {actual.fingerprint[:12]})"
-                )
-        if mismatches:
-            raise SparsityViolation(
-                f"SPP adapter '{adapter_name}' does not match this base model's zero masks: {mismatches[0]}. "
-                "Load it onto the pruned model it was trained on, or pass verify_base_masks=False (e.g. "
-                "SPPConfig.from_pretrained(path, verify_base_masks=False)) to load it anyway."
-            )
+        The adapter works on a copy of its config, so the config the caller passed keeps its meaning and can
+        serve another model (mask records are written into the copy)."""
+        config = copy.deepcopy(self.peft_config[adapter_name])
+        self.peft_config[adapter_name] = config
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        targets = resolve_targets(model, config)
+        validate_targets(targets, config.r)
+        if config.from_saved_adapter:
+            check_base_masks(config, targets, adapter_name)
+        if config.base_masks is None or not config.verify_base_masks:
+            config.base_masks = {}  # recorded afresh from this base in _create_and_replace
+        requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        except BaseException:
+            remove_adapter(model, self.peft_config, adapter_name, requires_grad)
+            raise
+        self._requires_grad_before = getattr(self, "_requires_grad_before", {})
+        self._requires_grad_before[adapter_name] = requires_grad
 
     def _create_and_replace(self, spp_config: SPPConfig, adapter_name, target, target_name, parent, current_key,
                             **optional_kwargs):
@@ -113,6 +119,7 @@ class SPPModel(BaseTuner):
             "spp_dropout": spp_config.spp_dropout,
             "init_weights": spp_config.init_weights,
             "inference_mode": spp_config.inference_mode,
+            "sparsity_check": spp_config.sparsity_check,
         }
         if isinstance(target, SPPLayer):
             target.update_layer(adapter_name, **kwargs)
@@ -122,7 +129,6 @@ class SPPModel(BaseTuner):
             if adapter_name not in self.active_adapters:
                 module.requires_grad_(False)
             self._replace_module(parent, target_name, module, target)
-        module.sparsity_check = spp_config.sparsity_check
         module.chunk_rows = spp_config.chunk_rows
         record = module.mask_record or module.record_mask()
         if current_key not in spp_config.base_masks:
@@ -130,15 +136,30 @@ class SPPModel(BaseTuner):
 
     @staticmethod
     def _create_new_module(spp_config: SPPConfig, adapter_name, target, current_key, **kwargs):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not is_linear_like(base):
-            raise TypeError(
-                f"Target module '{current_key}' is {type(base).__name__}; SPP supports nn.Linear and "
-                "transformers' Conv1D. Adjust target_modules / exclude_modules."
-            )
+        base = base_of(target)
         if isinstance(base, nn.Linear) and spp_config.fan_in_fan_out:
             warnings.warn(f"'{current_key}' is nn.Linear: fan_in_fan_out=True is ignored for it.")
         return Linear(target, adapter_name, module_name=current_key, **kwargs)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Every PEFT load path passes the adapter file's tensors through here before they reach the model:
+        anything but this adapter's factors, a missing, misshapen or non-finite tensor, is refused, and the
+        adapter just injected for it is removed again (the base model is left as it was)."""
+        targets = {
+            name.removeprefix(PEFT_PREFIX): Target(m.in_features, m.out_features, m.r[adapter_name])
+            for name, m in model.named_modules()
+            if isinstance(m, SPPLayer) and adapter_name in m.spp_A
+        }
+        shapes = {k.removeprefix(PEFT_PREFIX): tuple(v.shape) for k, v in model.state_dict().items()}
+        try:
+            check_adapter_tensors(state_dict, targets, config, adapter_name, shapes)
+        except AdapterFileError:
+            tuner = getattr(model, "base_model", None)
+            before = getattr(tuner, "_requires_grad_before", {}).get(adapter_name, [])
+            remove_adapter(getattr(tuner, "model", model), model.peft_config, adapter_name, before)
+            raise
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _post_injection_hook(self, model: nn.Module, config: SPPConfig, adapter_name: str) -> None:
         if config.base_pruning is None:
@@ -191,20 +212,58 @@ class SPPModel(BaseTuner):
         return {name: m for name, m in self.model.named_modules() if isinstance(m, SPPLayer)}
 
     def verify_masks(self, adapter_name: Optional[str] = None) -> None:
-        """Assert that every SPP layer's base weight still has the zero mask recorded at injection.
+        """Assert that every unmerged SPP layer's base weight still has the zero mask recorded at injection.
 
         Raises:
             SparsityViolation: naming the first module whose mask changed.
         """
-        for name, layer in self.spp_layers().items():
-            recorded = layer.mask_record
-            actual = describe_mask(layer.get_base_layer().weight, layer.fan_in_fan_out)
-            if recorded is not None and actual.fingerprint != recorded.fingerprint:
-                raise SparsityViolation(
-                    f"module '{name}': zero mask changed since injection (sparsity {recorded.sparsity:.2%} -> "
-                    f"{actual.sparsity:.2%})"
-                )
+        for layer in self.spp_layers().values():
+            layer.verify_base_mask()
+
+    # ----------------------------------------------------------------------- all-or-nothing merging
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """PEFT's ``merge_adapter``, all-or-nothing: every layer's merge is checked before any is written."""
+        self._check_merge_allowed()
+        for layer in self.spp_layers().values():
+            layer.check_merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's ``unmerge_adapter``, all-or-nothing."""
+        for layer in self.spp_layers().values():
+            layer.check_unmerge()
+        super().unmerge_adapter()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None):
+        # merge_and_unload replaces each layer right after merging it, so a refusal in layer 14 would leave 13
+        # merged and unloaded; checking every layer first makes a refusal leave the model exactly as it was.
+        if merge:
+            self._check_merge_allowed()
+            for layer in self.spp_layers().values():
+                layer.check_merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
 
     def sparsity_report(self, **kwargs):
         """:func:`spp_peft.sparsity.sparsity_report` of the wrapped model."""
         return sparsity_report(self.model, **kwargs)
+
+
+def remove_adapter(model: nn.Module, peft_config: dict, adapter_name: str, requires_grad=()) -> None:
+    """Undo the injection of ``adapter_name``: layers that only held it become their base layer again, others
+    drop it; its config entry goes, and parameters get back the ``requires_grad`` they had before."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, SPPLayer) or adapter_name not in module.spp_A:
+            continue
+        if set(module.spp_A) == {adapter_name}:
+            parent, _, child = _get_submodules(model, name)
+            setattr(parent, child, module.get_base_layer())
+        else:
+            module.delete_adapter(adapter_name)
+    peft_config.pop(adapter_name, None)
+    if not peft_config and getattr(model, "peft_config", None) is peft_config:
+        del model.peft_config
+    for param, flag in requires_grad:
+        param.requires_grad_(flag)
