@@ -21,7 +21,7 @@ CARD_HEADING = "## SPP adapter (sparsity-preserved)"
 
 def model_card_section(peft_model) -> Optional[str]:
     """The markdown section describing the SPP adapters of ``peft_model`` (None if it has none)."""
-    from ._registration import spp_peft_type
+    from .tuner._registration import spp_peft_type
 
     sections = []
     for name, config in peft_model.peft_config.items():
@@ -124,10 +124,8 @@ def load_adapter(
     """
     from peft import PeftModel
 
-    from . import _registration
-    from .tuner import SPPConfig
+    from .tuner import SPPConfig  # importing the tuner registers SPP with PEFT
 
-    _registration.register()
     config = SPPConfig.from_pretrained(adapter_path)
     config.verify_base_masks = verify_base_masks
     return PeftModel.from_pretrained(
@@ -137,7 +135,7 @@ def load_adapter(
 
 def _spp_adapter_config(path, peft_config):
     """The SPPConfig of an adapter folder (or the given config) if it is an SPP adapter, else None."""
-    from ._registration import spp_peft_type
+    from .tuner._registration import spp_peft_type
     from .tuner import SPPConfig
 
     if peft_config is not None:

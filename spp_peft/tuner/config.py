@@ -138,7 +138,7 @@ class SPPConfig(PeftConfig):
         self.from_saved_adapter = self.peft_type is not None or self.base_masks is not None
         self.verify_base_masks = True if self.from_saved_adapter or verify_base_masks is None else bool(verify_base_masks)
         super().__post_init__()
-        from .._registration import spp_peft_type
+        from ._registration import spp_peft_type
 
         self.peft_type = spp_peft_type()
         self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftConfig, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import spp_peft
-from spp_peft import _registration
+from spp_peft.tuner import _registration
 
 from .conftest import MODEL_TARGETS, build, inputs_for, outputs, prune_model_
 
@@ -25,7 +25,7 @@ def test_import_and_reload_are_idempotent():
     for _ in range(2):
         importlib.reload(_registration)
         importlib.reload(spp_peft)
-        spp_peft._registration.register()
+        spp_peft.tuner._registration.register()
     assert [m for m in PeftType if m.value == "SPP"] == [PeftType.SPP]
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SPP] is spp_peft.SPPConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SPP] is spp_peft.SPPModel
@@ -52,3 +52,20 @@ def test_lora_still_works_after_import():
     model = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     with torch.no_grad():
         assert outputs(model, inputs_for("llama")).shape[-1] == 96
+
+
+def test_light_modules_import_without_peft_or_the_tuner():
+    """`import spp_peft.sparsity` / `spp_peft.pruning` stay light; importing PEFT afterwards registers SPP."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, importlib.util\n"
+        "import spp_peft.sparsity, spp_peft.pruning\n"
+        "assert importlib.util.find_spec('peft') is not None  # a probe imports nothing\n"
+        "print(sorted(m for m in ('peft', 'spp_peft.tuner') if m in sys.modules))\n"
+        "from peft import PeftType\n"
+        "print(PeftType.SPP.value, 'spp_peft.tuner' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    assert out.split("\n")[:2] == ["[]", "SPP True"]

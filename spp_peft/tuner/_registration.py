@@ -42,7 +42,8 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
-    from .tuner import SPPConfig, SPPModel
+    from .config import SPPConfig
+    from .model import SPPModel
 
     peft_type = spp_peft_type()
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is SPPConfig and PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is SPPModel:
