@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.spp-installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layer.py
 	$(PY) benchmarks/bench_model.py
+
+# Every GPU test and benchmark in one run, one table (skips cleanly without CUDA). Needs a CUDA torch:
+# on a GPU machine, `make gpu-check PYTHON_GPU=python3` uses that interpreter instead of the CPU-only venv.
+PYTHON_GPU ?= $(PY)
+gpu-check:
+	HF_HUB_OFFLINE=1 $(PYTHON_GPU) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
