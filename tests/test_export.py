@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spp_peft
-from spp_peft import export
+from spp_peft.export import sparse24 as export
 from spp_peft.export import Sparse24Unsupported, check_sparse24_support, sparse24_eligibility, to_sparse24
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -37,7 +37,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .sparsity import conv1d_class, is_linear_like, nm_compliance, zero_mask
+from ..sparsity import conv1d_class, is_linear_like, nm_compliance, zero_mask
 
 __all__ = [
     "Sparse24Unsupported",
@@ -318,22 +318,8 @@ def to_sparse24(
             if name not in eligible:
                 continue
             dense = module.weight.detach().contiguous()
-            try:
-                sparse = to_semi(dense)
-            except Exception as err:  # name the layer; torch's message says what it disliked
-                raise RuntimeError(f"converting '{name}' ({tuple(dense.shape)}, {dtype}) to 2:4 failed: {err}") from err
-            if verify:
-                with torch.no_grad():
-                    x = torch.randn(64, dense.shape[1], device=dev, dtype=dtype)
-                    ref = nn.functional.linear(x, dense).float()
-                    got = nn.functional.linear(x, sparse).float()
-                    err = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-                worst = max(worst, err)
-                if not err <= tolerance:
-                    raise RuntimeError(
-                        f"2:4 layer '{name}' does not reproduce its dense output: relative error {err:.3g} > "
-                        f"{tolerance} (backend {resolved})"
-                    )
+            sparse, err = _convert_layer(name, dense, to_semi, verify, tolerance, resolved)
+            worst = max(worst, err)
             module.weight = nn.Parameter(sparse, requires_grad=False)
             report.converted.append(name)
             report.dense_bytes += dense.numel() * dense.element_size()
@@ -342,3 +328,25 @@ def to_sparse24(
         SparseSemiStructuredTensor._FORCE_CUTLASS = previous
     report.max_rel_error = worst if verify else None
     return report
+
+
+def _convert_layer(name: str, dense: torch.Tensor, to_semi, verify: bool, tolerance: float,
+                   backend: str) -> tuple[torch.Tensor, float]:
+    """The 2:4 semi-structured copy of one dense weight and (``verify``) its relative error on a random input."""
+    try:
+        sparse = to_semi(dense)
+    except Exception as err:  # name the layer; torch's message says what it disliked
+        raise RuntimeError(f"converting '{name}' ({tuple(dense.shape)}, {dense.dtype}) to 2:4 failed: {err}") from err
+    if not verify:
+        return sparse, 0.0
+    with torch.no_grad():
+        x = torch.randn(64, dense.shape[1], device=dense.device, dtype=dense.dtype)
+        ref = nn.functional.linear(x, dense).float()
+        got = nn.functional.linear(x, sparse).float()
+        err = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    if not err <= tolerance:
+        raise RuntimeError(
+            f"2:4 layer '{name}' does not reproduce its dense output: relative error {err:.3g} > {tolerance} "
+            f"(backend {backend})"
+        )
+    return sparse, err
