@@ -188,6 +188,8 @@ def test_kill_9_mid_write_leaves_a_whole_version(tmp_path, delay):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    if not U.can_exchange():  # two renames: the killed writer may have left the old folder moved aside
+        U.clean_stale(target)
     before = assert_complete(target)
     assert before >= 1
     with U.atomic_write_dir(target, overwrite=True) as tmp:
@@ -239,7 +241,7 @@ def test_kill_9_while_saving_a_real_adapter(tmp_path):
         values = {float(t.flatten()[0]) for k, t in weights.items() if "spp_B" in k}
         assert config["peft_type"] == "SPP" and values == {info["lr"]}, "weights and training json of one save"
         assert (target / "README.md").read_text().count("## Training (spp-peft)") == 1
-    assert leftovers(tmp_path) and True  # the last kill may leave a temporary folder: the next save cleans it
+    # The last kill may have left a temporary folder: the next save cleans it.
     model, tokenizer, _ = pruned_tiny()
     T.save_adapter(T.prepare_model(model, "spp", T.TrainConfig(r=4, alpha=8)), target, "spp", T.TrainConfig(r=4), 1.0)
     assert leftovers(tmp_path) == []
