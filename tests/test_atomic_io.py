@@ -330,6 +330,35 @@ def test_full_disk_during_pruned_save_keeps_the_old_model(tmp_path, monkeypatch)
     assert leftovers(tmp_path) == []
 
 
+def test_a_checkpoint_cut_by_a_crash_is_removed_and_the_one_before_resumes(tmp_path):
+    """The Trainer writes checkpoint-N in place, trainer_state.json last: without it, a crash cut the save."""
+    ckpt = tmp_path / "checkpoints"
+    for step, state in ((2, '{"global_step": 2}'), (4, None), (6, "")):
+        (ckpt / f"checkpoint-{step}").mkdir(parents=True)
+        (ckpt / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"")
+        if state is not None:
+            (ckpt / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert T._last_complete_checkpoint(ckpt).endswith("checkpoint-2")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-2"]
+
+
+def test_train_output_is_a_resume_only_with_the_same_settings(tmp_path):
+    class Data:
+        num_tokens = 100
+
+        def __len__(self):
+            return 4
+
+    cfg, data = T.TrainConfig(r=4, lr=1e-3), {"source": "builtin"}
+    T._prepare_checkpoints(tmp_path / "checkpoints", T._run_identity("spp", cfg, 1e-3, Data(), data), True)
+    assert T.is_resume(tmp_path, "spp", cfg, data=data)
+    assert T.is_resume(tmp_path, "spp", T.TrainConfig(r=4, lr=1e-3, progress=True, save_steps=5), data=data)
+    assert not T.is_resume(tmp_path, "spp", T.TrainConfig(r=4, lr=2e-3), data=data)
+    assert not T.is_resume(tmp_path, "lora_star", cfg, data=data)
+    assert not T.is_resume(tmp_path, "spp", T.TrainConfig(r=4, lr=1e-3, resume=False), data=data)
+    assert not T.is_resume(tmp_path / "nothing", "spp", cfg, data=data)
+
+
 # -------------------------------------------------------------------------------- concurrent writers
 
 
@@ -513,3 +542,32 @@ def load_recipe_file(path):
     from spp_peft.recipe import load_recipe
 
     return load_recipe(path)
+
+
+def test_cli_train_reruns_its_own_settings_and_refuses_others(tmp_path, capsys):
+    from ._pipeline_fixtures import save_pruned_tiny
+
+    pruned = save_pruned_tiny(tmp_path / "pruned")
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(pruned), "--data", "builtin", "--cutoff-len", "32", "--max-samples", "4",
+            "--max-steps", "1", "--batch-size", "2", "--r", "4", "--output", str(out), "-q"]
+    assert cli.main([*argv, "--lr", "1e-3"]) == 0
+    assert cli.main([*argv, "--lr", "1e-3"]) == 0, "the same settings again are a resume"
+    adapter = {p.name: p.read_bytes() for p in (out / "adapter").iterdir()}
+    capsys.readouterr()
+    assert cli.main([*argv, "--lr", "5e-2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (out / "adapter").iterdir()} == adapter
+    assert cli.main([*argv, "--lr", "5e-2", "--overwrite"]) == 0
+    assert json.loads((out / "adapter" / T.METHOD_FILE).read_text())["lr"] == 5e-2
+    assert leftovers(out) == [] and leftovers(out / "adapter") == []
+
+
+def test_run_reruns_the_same_recipe(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path / "a.yaml", tiny_dir, out)
+    assert cli.main(["run", str(recipe), "-q"]) == 0
+    assert cli.main(["run", str(recipe), "-q", "--train.progress", "true"]) == 0, "same recipe: a resume"
+    assert sorted(p.name for p in out.iterdir()) == ["merged", "pruned", "recipe.yaml", "report.json", "report.md",
+                                                     "run.log", "spp"]
+    assert leftovers(out) == [] and leftovers(out / "merged") == []
