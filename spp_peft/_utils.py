@@ -53,6 +53,15 @@ class OutputExistsError(FileExistsError):
         self.path = str(path)  # not .filename: OSError would then print "[Errno None] None: path"
 
 
+class OutputBusyError(FileExistsError):
+    """Another process is writing the same target right now."""
+
+    def __init__(self, path: PathLike):
+        super().__init__(f"{path} is being written by another process right now; wait for it or choose "
+                         "another output folder")
+        self.path = str(path)
+
+
 def check_output(path: Optional[PathLike], overwrite: bool = False) -> Path:
     """``path`` as a ``Path``, after refusing an empty path (it would mean the current folder) and, without
     ``overwrite``, an existing non-empty target. Call it before any expensive work."""
@@ -204,17 +213,26 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def _lock(target: Path):
-    """An inter-process lock per target. The lock files live in the temp folder, not beside the target, so
-    that the user's folders hold nothing but their outputs."""
-    folder = Path(tempfile.gettempdir()) / "spp-peft-locks"
+def exclusive(folder: PathLike) -> Iterator[Path]:
+    """Hold ``folder`` for a whole job (a run, a training) that writes many things into it: a second job on
+    the same folder fails at once with :class:`OutputBusyError` instead of mixing its files in."""
+    folder = Path(folder).expanduser()
+    with _lock(folder, "job", timeout=0):
+        yield folder
+
+
+@contextmanager
+def _lock(target: Path, purpose: str = "write", timeout: float = LOCK_TIMEOUT):
+    """An inter-process lock per target and purpose (a job may write into its own folder). The lock files
+    live in the temp folder, not beside the target, so that the user's folders hold only their outputs."""
+    folder = Path(tempfile.gettempdir()) / f"spp-peft-locks-{getattr(os, 'getuid', lambda: 0)()}"
     folder.mkdir(exist_ok=True)
-    key = hashlib.sha256(str(target.absolute()).encode()).hexdigest()[:24]
-    lock = FileLock(str(folder / f"{key}.lock"), timeout=LOCK_TIMEOUT)
+    key = hashlib.sha256(f"{purpose}:{target.absolute()}".encode()).hexdigest()[:24]
+    lock = FileLock(str(folder / f"{key}.lock"), timeout=timeout)
     try:
         lock.acquire()
     except Timeout:
-        raise TimeoutError(f"{target}: another process has been writing it for {LOCK_TIMEOUT:.0f} s") from None
+        raise OutputBusyError(target) from None
     try:
         yield
     finally:

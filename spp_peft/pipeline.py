@@ -324,11 +324,8 @@ def run(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    from spp_peft._utils import atomic_write_file
-
     say = echo or (lambda _msg: None)
     out = check_output_dir(recipe, overwrite)
-    atomic_write_file(out / "recipe.yaml", recipe.to_yaml())
     timer = _Timer()
     start = time.perf_counter()
     methods = list(recipe.train.methods)
@@ -357,7 +354,7 @@ def run(
         for ds, value in values.items():
             results["perplexity"].setdefault(ds, {})[model_name] = value
 
-    with _log_to(out / "run.log"):
+    with _claim(recipe, overwrite), _log_to(out / "run.log"):
         logger.debug("run %s: recipe %s", recipe.name, json.dumps(recipe.to_dict()))
         say(f"[{next(step)}/{stages}] loading {recipe.model.name_or_path}")
         with timer("load"):
@@ -464,6 +461,18 @@ def check_output_dir(recipe: Recipe, overwrite: bool = False) -> Path:
     out = Path(raw).expanduser()
     resume = recipe.train.resume and _same_recipe(out / "recipe.yaml", recipe)
     return check_output(out, overwrite=overwrite or resume)
+
+
+@contextmanager
+def _claim(recipe: Recipe, overwrite: bool):
+    """Hold the run folder for the whole run (a second run into it fails at once), check it again now that
+    no other run can be writing there, and record the recipe."""
+    from spp_peft._utils import atomic_write_file, exclusive
+
+    with exclusive(recipe.out_dir) as out:
+        check_output_dir(recipe, overwrite)
+        atomic_write_file(out / "recipe.yaml", recipe.to_yaml())
+        yield out
 
 
 def _same_recipe(path: Path, recipe: Recipe) -> bool:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spp_peft._utils import atomic_write_dir, atomic_write_file
+from spp_peft._utils import atomic_write_dir, atomic_write_file, exclusive
 from spp_peft.sparsity import as_out_in, zero_mask
 
 logger = logging.getLogger(__name__)
@@ -446,11 +446,18 @@ def train(
         lr: learning rate for this method (defaults to ``cfg.lr``).
         data_description: recorded in :data:`METHOD_FILE` and the model card (e.g. the data config).
         callbacks: extra ``transformers.TrainerCallback`` objects.
+
+    Raises:
+        OutputBusyError: another training is writing into ``output_dir`` right now.
     """
+    check_method(method)
+    with exclusive(output_dir) as out:
+        return _train(model, tokenizer, method, dataset, cfg, out, lr, data_description, callbacks)
+
+
+def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_description, callbacks) -> TrainResult:
     from transformers import Trainer
 
-    check_method(method)
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lr = cfg.lr if lr is None else float(lr)
     if method == "none":

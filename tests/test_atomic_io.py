@@ -226,7 +226,7 @@ def test_kill_9_while_saving_a_real_adapter(tmp_path):
 
     target = tmp_path / "adapter"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for delay in (0.02, 0.2):
+    for delay in (0.05,):  # the loop does nothing but save: the kill lands inside one (more delays: above)
         proc = subprocess.Popen([sys.executable, "-c", ADAPTER_WRITER, str(ROOT), str(target)], stdout=subprocess.PIPE,
                                 text=True, env=env, cwd=ROOT)
         try:
@@ -571,3 +571,16 @@ def test_run_reruns_the_same_recipe(tiny_dir, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["merged", "pruned", "recipe.yaml", "report.json", "report.md",
                                                      "run.log", "spp"]
     assert leftovers(out) == [] and leftovers(out / "merged") == []
+
+
+def test_a_second_job_on_a_busy_folder_fails_at_once(tmp_path, tiny_dir, monkeypatch, capsys):
+    """A run or a training holds its folder: another one into it fails before any work, nothing mixed in."""
+    out = tmp_path / "out"
+    model, tokenizer, _ = pruned_tiny()
+    with U.exclusive(out):
+        with pytest.raises(U.OutputBusyError, match="being written by another process"):
+            T.train(model, tokenizer, "spp", None, T.TrainConfig(), out)
+        _no_work(monkeypatch)
+        assert cli.main(["run", str(_recipe(tmp_path / "a.yaml", tiny_dir, out)), "-q"]) == 2
+        assert "being written by another process" in capsys.readouterr().err
+    assert not out.exists()
