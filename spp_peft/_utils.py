@@ -74,7 +74,7 @@ def check_output(path: Optional[PathLike], overwrite: bool = False) -> Path:
 
 
 def _occupied(path: Path) -> bool:
-    if path.is_dir() and not path.is_symlink():
+    if path.is_dir():  # through a symlink too: what counts is the folder it names
         return any(path.iterdir())
     return os.path.lexists(path)
 
@@ -124,6 +124,10 @@ def atomic_write_file(path: Optional[PathLike], data: Union[str, bytes, Callable
 def _prepare(path: Optional[PathLike], overwrite: bool) -> Path:
     """Check the target, create its parent, and clean what crashed writers left (frees the space first)."""
     target = check_output(path, overwrite=True)
+    # A symlinked target is written where it points; "." or "a/.." get their real name (the sibling's).
+    target = Path(os.path.abspath(target.resolve() if target.is_symlink() else target))
+    if not target.name or Path.cwd().is_relative_to(target):
+        raise ValueError(f"{target} holds the current folder; it cannot be replaced as a whole")
     target.parent.mkdir(parents=True, exist_ok=True)
     with _lock(target):
         clean_stale(target)
@@ -139,12 +143,14 @@ def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
         clean_stale(target)
         if not overwrite and _occupied(target):
             raise OutputExistsError(target)
-        if not target.is_dir() or target.is_symlink():
-            os.replace(tmp, target)
-        elif _exchange(tmp, target):
+        both_dirs = tmp.is_dir() and target.is_dir() and not target.is_symlink()
+        if not os.path.lexists(target) or not (tmp.is_dir() or target.is_dir()):
+            os.replace(tmp, target)  # atomic for files, and for a folder onto nothing
+        elif both_dirs and _exchange(tmp, target):
             old = tmp  # the swap left the old folder under the temporary name
         else:
-            # A folder cannot be renamed over a non-empty one: move it aside, delete it once the new one is in.
+            # A folder cannot be renamed over a non-empty one (nor over a file): move it aside, delete it once
+            # the new one is in.
             old = _sibling(target, "old")
             os.rename(target, old)
             try:

@@ -127,7 +127,7 @@ def cmd_run(args, extra) -> int:
         # The demo is offline by definition: never wait for hub time-outs.
         for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
             os.environ.setdefault(key, "1")
-    if getattr(args, "output_dir", None):
+    if getattr(args, "output_dir", None) is not None:  # --output-dir "" is refused by run(), not ignored
         overrides.append(f"output_dir={args.output_dir}")
     recipe = load_recipe(source, overrides)
     if args.print_recipe:

@@ -106,6 +106,26 @@ def test_empty_output_path_is_refused(path, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_odd_targets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in (".", "..", str(tmp_path), "/"):  # the current folder (or above it) is never replaced whole
+        with pytest.raises(ValueError, match="current folder"):
+            with U.atomic_write_dir(path, overwrite=True):
+                pass
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(U.OutputExistsError):
+        U.check_output(tmp_path / "file")
+    with U.atomic_write_dir(tmp_path / "file", overwrite=True) as tmp:  # a file replaced by a folder
+        write_version(tmp, 1)
+    assert assert_complete(tmp_path / "file") == 1
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with U.atomic_write_dir(tmp_path / "link") as tmp:  # an empty folder behind a symlink: written there
+        write_version(tmp, 2)
+    assert (tmp_path / "link").is_symlink() and assert_complete(tmp_path / "real") == 2
+    assert leftovers(tmp_path) == []
+
+
 def test_atomic_write_file(tmp_path):
     path = tmp_path / "a" / "report.json"
     U.atomic_write_file(path, '{"v": 1}\n')
@@ -283,7 +303,7 @@ def test_full_disk_leaves_the_old_report(small_tmpfs):
     before = (small_tmpfs / "report.json").read_text()
     (small_tmpfs / "ballast").write_bytes(b"\0" * (200 << 10))
     with pytest.raises(OSError):
-        R.write_report(dict(results, padding="y" * 150_000), small_tmpfs, plots=False)
+        R.write_report(dict(results, padding="y" * 250_000), small_tmpfs, plots=False)  # no room even in place
     assert (small_tmpfs / "report.json").read_text() == before
     assert leftovers(small_tmpfs) == []
 
@@ -531,9 +551,9 @@ def test_run_with_an_empty_output_dir_writes_nothing(tiny_dir, tmp_path, monkeyp
     monkeypatch.chdir(work)
     _no_work(monkeypatch)
     recipe = _recipe(tmp_path / "a.yaml", tiny_dir, "out")
-    for value in ("output_dir=", "output_dir=  "):
-        assert cli.main(["run", str(recipe), "--set", value, "-q"]) == 2
-        assert "output_dir" in capsys.readouterr().err
+    for flags in (["--set", "output_dir="], ["--set", "output_dir=  "], ["--output-dir", ""]):
+        assert cli.main(["run", str(recipe), *flags, "-q"]) == 2
+        assert "output_dir is empty" in capsys.readouterr().err
     assert sorted(p.name for p in work.iterdir()) == ["recipe.yaml"]
     assert (work / "recipe.yaml").read_text() == "the user's own file"
 
