@@ -471,8 +471,29 @@ def _claim(recipe: Recipe, overwrite: bool):
 
     with exclusive(recipe.out_dir) as out:
         check_output_dir(recipe, overwrite)
+        if (out / "recipe.yaml").is_file() and not _same_recipe(out / "recipe.yaml", recipe):
+            _clear_run(out)
         atomic_write_file(out / "recipe.yaml", recipe.to_yaml())
         yield out
+
+
+def _clear_run(out: Path) -> None:
+    """Remove the outputs of the previous run that ``--overwrite`` replaces, before the new run writes
+    anything: otherwise a failure halfway would leave the new pruned base beside the old adapters. Files
+    that are not part of a run's layout (module docstring) are left alone."""
+    import shutil
+
+    from spp_peft.training import METHODS
+
+    entries = ("recipe.yaml", "run.log", "report.md", "report.json", "plots", "pruned", "merged", *METHODS)
+    logger.warning("%s: --overwrite: removing the previous run (%s)", out, ", ".join(
+        name for name in entries if (out / name).exists()))
+    for name in entries:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
 
 
 def _same_recipe(path: Path, recipe: Recipe) -> bool:
