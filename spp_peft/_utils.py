@@ -70,6 +70,14 @@ def check_output(path: Optional[PathLike], overwrite: bool = False) -> Path:
     target = Path(path).expanduser()
     if not overwrite and _occupied(target):
         raise OutputExistsError(target)
+    # The folder that will hold it: found unusable now, not after hours of work.
+    holder = next((p for p in Path(os.path.abspath(target)).parents if os.path.lexists(p)), None)
+    if holder is None:  # the root itself: refused where it would be replaced
+        return target
+    if not holder.is_dir():
+        raise ValueError(f"{holder} is a file, not a folder: cannot write {target}")
+    if not os.access(holder, os.W_OK | os.X_OK):
+        raise ValueError(f"{holder} is not writable: cannot write {target}")
     return target
 
 

@@ -460,7 +460,10 @@ def check_output_dir(recipe: Recipe, overwrite: bool = False) -> Path:
         raise RecipeError("output_dir is empty (it would write into the current folder); name the run folder")
     out = Path(raw).expanduser()
     resume = recipe.train.resume and _same_recipe(out / "recipe.yaml", recipe)
-    return check_output(out, overwrite=overwrite or resume)
+    try:
+        return check_output(out, overwrite=overwrite or resume)
+    except ValueError as err:  # a file where a folder should be, a read-only folder
+        raise RecipeError(f"output_dir: {err}") from None
 
 
 @contextmanager

@@ -507,6 +507,9 @@ def test_cli_prune_overwrite_replaces_and_empty_output_is_refused(tiny_dir, tmp_
     capsys.readouterr()
     assert cli.main([*argv, "--output", " "]) == 2
     assert "empty" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert cli.main([*argv, "--output", str(tmp_path / "a-file" / "sub")]) == 2
+    assert "a-file is a file, not a folder" in capsys.readouterr().err
 
 
 def _recipe(path: Path, tiny_dir, out, lr=1e-3) -> Path:
@@ -560,6 +563,8 @@ def test_run_with_an_empty_output_dir_writes_nothing(tiny_dir, tmp_path, monkeyp
     for flags in (["--set", "output_dir="], ["--set", "output_dir=  "], ["--output-dir", ""]):
         assert cli.main(["run", str(recipe), *flags, "-q"]) == 2
         assert "output_dir is empty" in capsys.readouterr().err
+    assert cli.main(["run", str(recipe), "--set", "output_dir=recipe.yaml/run", "-q"]) == 2
+    assert "recipe.yaml is a file, not a folder" in capsys.readouterr().err
     assert sorted(p.name for p in work.iterdir()) == ["recipe.yaml"]
     assert (work / "recipe.yaml").read_text() == "the user's own file"
 
