@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from common import machine_description, md_table  # noqa: E402
+from spp_peft._utils import atomic_write_file  # noqa: E402
 from spp_peft.data import builtin_text, calibration_windows, token_stream  # noqa: E402
 from spp_peft.evaluation import perplexity  # noqa: E402
 from spp_peft.models import load_smollm2  # noqa: E402
@@ -103,8 +104,7 @@ def main(argv=None) -> dict:
     print(md_table(["method", "pattern", "wall s", "CPU s", "sparsity (blocks)", "held-out ppl"], rows))
     out = {"machine": machine, "args": vars(args), "results": results}
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+        atomic_write_file(args.json, json.dumps(out, indent=2))
     return out
 
 

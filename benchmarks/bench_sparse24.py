@@ -199,8 +199,9 @@ def main(argv=None) -> int:
                                       warmup, sparse)
         print(f"# generation: {json.dumps(generation)}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"info": info, "linear": linear, "generation": generation}, fh, indent=1)
+        from spp_peft._utils import atomic_write_file
+
+        atomic_write_file(args.json, json.dumps({"info": info, "linear": linear, "generation": generation}, indent=1))
     return 0
 
 

@@ -127,13 +127,13 @@ def cmd_run(args, extra) -> int:
         # The demo is offline by definition: never wait for hub time-outs.
         for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
             os.environ.setdefault(key, "1")
-    if getattr(args, "output_dir", None):
+    if getattr(args, "output_dir", None) is not None:  # --output-dir "" is refused by run(), not ignored
         overrides.append(f"output_dir={args.output_dir}")
     recipe = load_recipe(source, overrides)
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
         return 0
-    run(recipe, show_progress=not args.quiet)
+    run(recipe, show_progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
 
@@ -155,15 +155,23 @@ def cmd_prune(args, extra) -> int:
     check_model(args.model, "--model")
     if section.method != "magnitude":
         check_source(section.calibration, "--calibration", "text")
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise RecipeError(f"--output {out} exists; pass --overwrite to replace it")
+    out = _output(args.output, args.overwrite)
     model, tokenizer = load(model_section)
     result = prune_model(model, tokenizer, section, show_progress=not args.quiet)
     save_pruned(model, tokenizer, out, result, overwrite=args.overwrite)
     print(result.report.format(max_rows=args.max_rows))
     print(f"pruned model saved to {out} ({result.seconds:.1f} s)")
     return 0
+
+
+def _output(path: str, overwrite: bool) -> Path:
+    """``--output`` checked before any work: not empty, and not a non-empty folder unless ``--overwrite``."""
+    from spp_peft._utils import check_output
+
+    try:
+        return check_output(path, overwrite)
+    except ValueError as err:
+        raise RecipeError(f"--output: {err}") from None
 
 
 def cmd_train(args, extra) -> int:
@@ -181,6 +189,9 @@ def cmd_train(args, extra) -> int:
         raise RecipeError(str(err)) from None
     check_model(args.model, "--model")
     check_source(data.source, "--data", "text" if data.format == "text" else "records")
+    from spp_peft.training import is_resume
+
+    _output(args.output, args.overwrite or is_resume(args.output, args.method, cfg, data=dataclasses.asdict(data)))
     model, tokenizer = load_model(args.model)
     dataset = build_dataset(tokenizer, data)
     peft_model = prepare_model(model, args.method, cfg)
@@ -209,9 +220,7 @@ def cmd_merge(args, extra) -> int:
     check_model(args.model, "--model")
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise RecipeError(f"--adapter {args.adapter} is not an adapter folder (no adapter_config.json)")
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise RecipeError(f"--output {out} exists; pass --overwrite to replace it")
+    out = _output(args.output, args.overwrite)
     model, tokenizer = load_model(args.model)
     layers = pruned_layers(model)
     if not layers:
@@ -223,7 +232,7 @@ def cmd_merge(args, extra) -> int:
     check = verify(reference, merged, layers)
     if not check["ok"]:
         raise SparsityViolation(check["message"])
-    export_merged(merged, tokenizer, out, reference, layers, method, pattern)
+    export_merged(merged, tokenizer, out, reference, layers, method, pattern, overwrite=args.overwrite)
     print(f"{method}: merged, {check['message']}; saved to {out}")
     return 0
 
@@ -386,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
         p.add_argument("--output-dir", help="Shortcut for --set output_dir=DIR.")
         p.add_argument("--print-recipe", action="store_true", help="Print the resolved recipe and exit.")
+        p.add_argument("--overwrite", action="store_true",
+                       help="Write into a non-empty output folder (a rerun of the same recipe resumes without it).")
         common(p)
 
     p = sub.add_parser("keys", help="List every recipe key with its type, default and help.")
@@ -394,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="'smollm2' or a model folder.")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--output", required=True, help="Folder for the pruned model.")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
     p.add_argument("--max-rows", type=int, default=12, help="Rows of the sparsity table to print.")
     add_dataclass_flags(p, PruningSection, "pruning")
     common(p)
@@ -403,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="The pruned model folder.")
     p.add_argument("--method", default="spp", choices=[m for m in METHODS if m != "none"])
     p.add_argument("--output", required=True, help="Folder for checkpoints/, adapter/ and train_log.json.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Write into a non-empty --output (a rerun with the same settings resumes without it).")
     add_dataclass_flags(p, DataConfig, "data", rename={"source": "data"})
     add_dataclass_flags(p, TrainConfig, "train")
     common(p)
@@ -411,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="The pruned base model folder.")
     p.add_argument("--adapter", required=True, help="The adapter folder (from train).")
     p.add_argument("--output", required=True, help="Folder for the merged model.")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
     common(p)
 
     p = sub.add_parser("eval", help="Perplexity (WikiText-2 protocol) and optional lm-eval zero-shot tasks.")

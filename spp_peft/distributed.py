@@ -191,7 +191,10 @@ def save_adapter(model: nn.Module, path: str, **save_kwargs) -> None:
     peft_model = unwrap_model(model)
     state = adapter_state_dict(peft_model)
     if is_main_process():
-        peft_model.save_pretrained(path, state_dict=state, **save_kwargs)
+        from spp_peft._utils import atomic_write_dir
+
+        with atomic_write_dir(path, overwrite=True) as tmp:
+            peft_model.save_pretrained(str(tmp), state_dict=state, **save_kwargs)
     if dist.is_initialized():
         dist.barrier()
 

@@ -100,8 +100,9 @@ def install_model_card_hook() -> None:
             text = head + section + ("\n\n## " + rest[1] if len(rest) > 1 else "\n")
         else:
             text = text.rstrip("\n") + "\n\n" + section + "\n"
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        from spp_peft._utils import atomic_write_file
+
+        atomic_write_file(path, text)
 
     create_or_update_model_card._spp_wrapped = True
     create_or_update_model_card.__doc__ = original.__doc__

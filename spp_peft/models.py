@@ -15,8 +15,6 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -214,29 +212,20 @@ def _cache_complete(folder: Path) -> bool:
 
 
 def _write_cache(model: nn.Module, tokenizer, folder: Path) -> None:
-    """Save model + tokenizer into ``folder`` atomically (temp dir in the same parent, then rename)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    """Save model + tokenizer into ``folder`` atomically (:func:`spp_peft._utils.atomic_write_dir`)."""
+    from spp_peft._utils import OutputExistsError, atomic_write_dir
+
+    # A folder without the marker is an incomplete cache of an older version: replace it.
+    replace = folder.exists() and not _cache_complete(folder)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _CACHE_MARKER).write_text(f'{{"source": "{SMOLLM2_GGUF}"}}\n')
-        if _cache_complete(folder):
-            # Another process (e.g. a parallel test worker) finished the same cache first: keep theirs.
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        if folder.exists():
-            # An incomplete folder left by an older crash: replace it.
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not _cache_complete(folder):  # lost a race to a complete cache: fine; anything else: raise
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_write_dir(folder, overwrite=replace) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _CACHE_MARKER).write_text(f'{{"source": "{SMOLLM2_GGUF}"}}\n')
+    except OutputExistsError:
+        if not _cache_complete(folder):
+            raise
+        # Another process (e.g. a parallel test worker) finished the same cache first: keep theirs.
 
 
 def load_smollm2(

@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from spp_peft.recipe import Recipe, expand_tasks, load_recipe
+from spp_peft.recipe import Recipe, RecipeError, expand_tasks, load_recipe
 from spp_peft.sparsity import (
     SparsityViolation,
     assert_same_sparsity,
@@ -199,57 +197,54 @@ def export_merged(
     layers: list[str],
     method: str,
     pattern: Optional[str] = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write a merged model as safetensors with its sparsity metadata, atomically and verified.
 
     The model goes to a temporary folder next to ``out_dir``; the files are read back, their zero sets
     compared with ``reference`` (the pruned base) and the recorded fingerprints checked; only then is the
-    folder renamed to ``out_dir`` (replacing an older export). On any failure ``out_dir`` is untouched.
+    folder renamed to ``out_dir`` (replacing an older export only with ``overwrite``; see
+    :func:`spp_peft._utils.atomic_write_dir`). On any failure ``out_dir`` is untouched.
     """
-    from safetensors.torch import load_file
+    from spp_peft._utils import atomic_write_dir
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = sparsity_metadata(model, layers, method, pattern)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     had = hasattr(model.config, SPARSITY_CONFIG_KEY)
     try:
-        setattr(model.config, SPARSITY_CONFIG_KEY, meta)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        # Verify what is on disk, not what is in memory.
-        state = {}
-        for shard in sorted(tmp.glob("*.safetensors")):
-            state.update(load_file(str(shard)))
-        if not state:
-            raise RuntimeError(f"export: no safetensors file was written to {tmp}")
-        on_disk = {n: t for n, t in state.items() if n[: -len(".weight")] in set(layers)}
-        if len(on_disk) != len(layers):
-            missing = sorted(set(layers) - {n[: -len(".weight")] for n in on_disk})
-            raise SparsityViolation(f"export: pruned layer(s) missing from the saved files: {missing[:3]}")
-        assert_same_sparsity(_state_of(reference, layers), on_disk)
-        saved_config = json.loads((tmp / "config.json").read_text())
-        recorded = saved_config.get(SPARSITY_CONFIG_KEY, {}).get("layers", {})
-        for name, tensor in on_disk.items():
-            layer = name[: -len(".weight")]
-            if describe_mask(tensor).fingerprint != describe_mask(
-                    linear_weights(reference)[layer][0]).fingerprint or layer not in recorded:
-                raise SparsityViolation(f"export: layer '{layer}' on disk does not match the recorded mask")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "previous")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_write_dir(out_dir, overwrite=overwrite) as tmp:
+            setattr(model.config, SPARSITY_CONFIG_KEY, meta)
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _check_export(tmp, reference, layers)
     finally:
         if not had and hasattr(model.config, SPARSITY_CONFIG_KEY):
             delattr(model.config, SPARSITY_CONFIG_KEY)
-    return out
+    return Path(out_dir).expanduser()
+
+
+def _check_export(folder: Path, reference: nn.Module, layers: list[str]) -> None:
+    """Verify what is on disk, not what is in memory: every pruned layer saved, with the reference's zero
+    set and the fingerprint recorded in ``config.json``."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    if not state:
+        raise RuntimeError(f"export: no safetensors file was written to {folder}")
+    on_disk = {n: t for n, t in state.items() if n[: -len(".weight")] in set(layers)}
+    if len(on_disk) != len(layers):
+        missing = sorted(set(layers) - {n[: -len(".weight")] for n in on_disk})
+        raise SparsityViolation(f"export: pruned layer(s) missing from the saved files: {missing[:3]}")
+    assert_same_sparsity(_state_of(reference, layers), on_disk)
+    saved_config = json.loads((folder / "config.json").read_text())
+    recorded = saved_config.get(SPARSITY_CONFIG_KEY, {}).get("layers", {})
+    for name, tensor in on_disk.items():
+        layer = name[: -len(".weight")]
+        if describe_mask(tensor).fingerprint != describe_mask(
+                linear_weights(reference)[layer][0]).fingerprint or layer not in recorded:
+            raise SparsityViolation(f"export: layer '{layer}' on disk does not match the recorded mask")
 
 
 def environment() -> dict:
@@ -309,6 +304,7 @@ def run(
     overrides: tuple = (),
     show_progress: bool = True,
     echo: Optional[Callable[[str], None]] = print,
+    overwrite: bool = False,
 ) -> dict:
     """Run every stage of ``recipe`` and return the results (also written to ``report.json``).
 
@@ -317,18 +313,19 @@ def run(
         overrides: ``"KEY=VALUE"`` overrides when ``recipe`` is not already a :class:`Recipe`.
         show_progress: progress bars for pruning, training and evaluation.
         echo: where stage headlines and the final table go (``None`` for silence).
+        overwrite: write into a non-empty output folder that holds something else than a run of this very
+            recipe (see :func:`check_output_dir`).
 
     Raises:
-        RecipeError: before any work, for a bad recipe.
+        RecipeError: before any work, for a bad recipe or an empty ``output_dir``.
+        OutputExistsError: before any work, for an output folder holding other things.
         SparsityViolation: when a merged or exported model does not keep the pruned base's zeros
             (the report is still written, with the failure).
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     say = echo or (lambda _msg: None)
-    out = recipe.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    out = check_output_dir(recipe, overwrite)
     timer = _Timer()
     start = time.perf_counter()
     methods = list(recipe.train.methods)
@@ -357,7 +354,7 @@ def run(
         for ds, value in values.items():
             results["perplexity"].setdefault(ds, {})[model_name] = value
 
-    with _log_to(out / "run.log"):
+    with _claim(recipe, overwrite), _log_to(out / "run.log"):
         logger.debug("run %s: recipe %s", recipe.name, json.dumps(recipe.to_dict()))
         say(f"[{next(step)}/{stages}] loading {recipe.model.name_or_path}")
         with timer("load"):
@@ -451,16 +448,76 @@ def run(
     return results
 
 
+def check_output_dir(recipe: Recipe, overwrite: bool = False) -> Path:
+    """The run folder of ``recipe``, checked before any work: an empty ``output_dir`` (the current folder)
+    is refused; so is a non-empty folder, unless ``overwrite`` or it holds a run of this very recipe and
+    ``train.resume`` is on (the rerun continues it: checkpoints resume, every other output is rebuilt the
+    same)."""
+    from spp_peft._utils import check_output
+
+    raw = recipe.output_dir.replace("{name}", recipe.name)
+    if not raw.strip():
+        raise RecipeError("output_dir is empty (it would write into the current folder); name the run folder")
+    out = Path(raw).expanduser()
+    resume = recipe.train.resume and _same_recipe(out / "recipe.yaml", recipe)
+    try:
+        return check_output(out, overwrite=overwrite or resume)
+    except ValueError as err:  # a file where a folder should be, a read-only folder
+        raise RecipeError(f"output_dir: {err}") from None
+
+
+@contextmanager
+def _claim(recipe: Recipe, overwrite: bool):
+    """Hold the run folder for the whole run (a second run into it fails at once), check it again now that
+    no other run can be writing there, and record the recipe."""
+    from spp_peft._utils import atomic_write_file, exclusive
+
+    with exclusive(recipe.out_dir) as out:
+        check_output_dir(recipe, overwrite)
+        if (out / "recipe.yaml").is_file() and not _same_recipe(out / "recipe.yaml", recipe):
+            _clear_run(out)
+        atomic_write_file(out / "recipe.yaml", recipe.to_yaml())
+        yield out
+
+
+def _clear_run(out: Path) -> None:
+    """Remove the outputs of the previous run that ``--overwrite`` replaces, before the new run writes
+    anything: otherwise a failure halfway would leave the new pruned base beside the old adapters. Files
+    that are not part of a run's layout (module docstring) are left alone."""
+    import shutil
+
+    from spp_peft.training import METHODS
+
+    entries = ("recipe.yaml", "run.log", "report.md", "report.json", "plots", "pruned", "merged", *METHODS)
+    logger.warning("%s: --overwrite: removing the previous run (%s)", out, ", ".join(
+        name for name in entries if (out / name).exists()))
+    for name in entries:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+
+
+def _same_recipe(path: Path, recipe: Recipe) -> bool:
+    """Whether ``path`` (a run's ``recipe.yaml``) is ``recipe``, up to settings that change no result."""
+    import yaml
+
+    from spp_peft.training import _VOLATILE
+
+    def key(data) -> dict:
+        train = {k: v for k, v in (data.get("train") or {}).items() if k not in _VOLATILE}
+        return {**data, "train": train}
+
+    try:
+        stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(stored, dict) and key(stored) == key(yaml.safe_load(recipe.to_yaml()))
+
+
 def _save_pruned(model: nn.Module, tokenizer, folder: Path, pruning) -> None:
     from spp_peft.pruning import save_pruned
 
-    if pruning is None:  # already-pruned input: save it as is
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return
+    # pruning None: an already-pruned input, saved as is. The run's output check came before any work.
     save_pruned(model, tokenizer, folder, pruning, overwrite=True)

@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from spp_peft._utils import atomic_write_file
+
 logger = logging.getLogger(__name__)
 
 #: Order of the models in tables and plots: the references first, then the methods as run.
@@ -163,10 +165,7 @@ def plot_losses(results: dict, path: Union[str, os.PathLike]) -> Optional[Path]:
     ax.set_title("Training loss (same data and budget for every method)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(plt, fig, path)
 
 
 def plot_perplexity(results: dict, path: Union[str, os.PathLike]) -> Optional[Path]:
@@ -193,10 +192,7 @@ def plot_perplexity(results: dict, path: Union[str, os.PathLike]) -> Optional[Pa
     ax.set_title("Perplexity")
     ax.legend(title="evaluation set")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(plt, fig, path)
 
 
 def plot_sparsity(results: dict, path: Union[str, os.PathLike]) -> Optional[Path]:
@@ -222,10 +218,16 @@ def plot_sparsity(results: dict, path: Union[str, os.PathLike]) -> Optional[Path
     ax.set_title("Per-layer sparsity before fine-tuning and after merging")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save_figure(plt, fig, path)
+
+
+def _save_figure(plt, fig, path: Union[str, os.PathLike]) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    try:
+        # The temporary name has no .png suffix: say the format.
+        return atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -305,7 +307,6 @@ def write_report(results: dict, out_dir: Union[str, os.PathLike], plots: bool = 
     Returns the paths written, by kind (``json``, ``md``, ``loss``, ``perplexity``, ``sparsity``).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     rel_plots: dict[str, str] = {}
     results = dict(results)
@@ -313,20 +314,17 @@ def write_report(results: dict, out_dir: Union[str, os.PathLike], plots: bool = 
         if _pyplot() is None:
             results["plots_skipped"] = "matplotlib is not installed (pip install 'spp-peft[plots]')"
         else:
-            (out / "plots").mkdir(exist_ok=True)
             for key, fn in (("loss", plot_losses), ("perplexity", plot_perplexity), ("sparsity", plot_sparsity)):
                 path = fn(results, out / "plots" / f"{key}.png")
                 if path is not None:
                     written[key] = path
                     rel_plots[key] = f"plots/{key}.png"
     results["table"] = result_rows(results)
-    json_path = out / "report.json"
-    json_path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n", encoding="utf-8")
-    written["json"] = json_path
-    md_path = out / "report.md"
-    md_path.write_text(markdown(results, rel_plots), encoding="utf-8")
-    written["md"] = md_path
-    logger.info("report written to %s", md_path)
+    # One atomic file each (plots, then json, then md): a crash leaves each file whole, old or new.
+    written["json"] = atomic_write_file(out / "report.json",
+                                        json.dumps(results, indent=1, default=_json_default) + "\n")
+    written["md"] = atomic_write_file(out / "report.md", markdown(results, rel_plots))
+    logger.info("report written to %s", written["md"])
     return written
 
 

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spp_peft._utils import atomic_write_dir, atomic_write_file, exclusive
 from spp_peft.sparsity import as_out_in, zero_mask
 
 logger = logging.getLogger(__name__)
@@ -444,11 +446,18 @@ def train(
         lr: learning rate for this method (defaults to ``cfg.lr``).
         data_description: recorded in :data:`METHOD_FILE` and the model card (e.g. the data config).
         callbacks: extra ``transformers.TrainerCallback`` objects.
+
+    Raises:
+        OutputBusyError: another training is writing into ``output_dir`` right now.
     """
+    check_method(method)
+    with exclusive(output_dir) as out:
+        return _train(model, tokenizer, method, dataset, cfg, out, lr, data_description, callbacks)
+
+
+def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_description, callbacks) -> TrainResult:
     from transformers import Trainer
 
-    check_method(method)
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lr = cfg.lr if lr is None else float(lr)
     if method == "none":
@@ -484,8 +493,8 @@ def train(
     model.eval()
     tokens = _tokens_seen(dataset, steps * cfg.batch_size * cfg.grad_accum)
     result = TrainResult(method, model, None, history, steps, seconds, tokens, lr, len(dataset), resume)
-    (out / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
     result.adapter_dir = str(save_adapter(model, out / "adapter", method, cfg, lr, result, data_description))
+    atomic_write_file(out / "train_log.json", json.dumps(history, indent=1) + "\n")
     return result
 
 
@@ -494,10 +503,29 @@ _VOLATILE = ("progress", "resume", "save_steps", "save_total_limit", "logging_st
 _IDENTITY_FILE = "spp_peft_run.json"
 
 
-def _run_identity(method: str, cfg: TrainConfig, lr: float, dataset: TokenDataset, data: Optional[dict]) -> dict:
+def _settings_identity(method: str, cfg: TrainConfig, lr: float, data: Optional[dict]) -> dict:
     settings = {k: v for k, v in asdict(cfg).items() if k not in _VOLATILE}
-    return json.loads(json.dumps({"method": method, "lr": lr, "train": settings, "data": data,
-                                  "examples": len(dataset), "tokens": dataset.num_tokens}, default=str))
+    return json.loads(json.dumps({"method": method, "lr": lr, "train": settings, "data": data}, default=str))
+
+
+def _run_identity(method: str, cfg: TrainConfig, lr: float, dataset: TokenDataset, data: Optional[dict]) -> dict:
+    return {**_settings_identity(method, cfg, lr, data), "examples": len(dataset), "tokens": dataset.num_tokens}
+
+
+def is_resume(output_dir: Union[str, os.PathLike], method: str, cfg: TrainConfig, lr: Optional[float] = None,
+              data: Optional[dict] = None) -> bool:
+    """Whether :func:`train` into ``output_dir`` would continue a run of the same settings (``cfg.resume``
+    and the folder's run record agrees), checked without loading anything: what lets a command rerun into
+    its own non-empty output folder."""
+    marker = Path(output_dir) / "checkpoints" / _IDENTITY_FILE
+    try:
+        previous = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if not cfg.resume or not isinstance(previous, dict):
+        return False
+    recorded = {k: v for k, v in previous.items() if k not in ("examples", "tokens")}
+    return recorded == _settings_identity(method, cfg, cfg.lr if lr is None else float(lr), data)
 
 
 def _prepare_checkpoints(ckpt_dir: Path, identity: dict, resume: bool) -> Optional[str]:
@@ -509,17 +537,31 @@ def _prepare_checkpoints(ckpt_dir: Path, identity: dict, resume: bool) -> Option
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     marker = ckpt_dir / _IDENTITY_FILE
     previous = json.loads(marker.read_text()) if marker.is_file() else None
-    checkpoint = last_checkpoint(ckpt_dir)
+    checkpoint = _last_complete_checkpoint(ckpt_dir)
     if checkpoint and (not resume or previous != identity):
         if resume:
             logger.warning("%s holds checkpoints of a run with other settings: starting afresh", ckpt_dir)
-        import shutil
-
         for old in ckpt_dir.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
         checkpoint = None
-    marker.write_text(json.dumps(identity, indent=1) + "\n")
+    atomic_write_file(marker, json.dumps(identity, indent=1) + "\n")
     return checkpoint
+
+
+def _last_complete_checkpoint(ckpt_dir: Path) -> Optional[str]:
+    """The newest checkpoint that the Trainer finished writing. The Trainer writes ``checkpoint-N`` in place
+    and ``trainer_state.json`` last; a folder without a readable one is what a crash (kill -9, full disk)
+    left mid-save: it is removed, and the checkpoint before it is used."""
+    while True:
+        checkpoint = last_checkpoint(ckpt_dir)
+        if checkpoint is None:
+            return None
+        try:
+            json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+            return checkpoint
+        except (OSError, ValueError):
+            logger.warning("%s is incomplete (interrupted while saving): removed", checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _finished_state(checkpoint: str) -> Optional[dict]:
@@ -564,12 +606,13 @@ def save_adapter(
     lr: float,
     result: Optional[TrainResult] = None,
     data_description: Optional[dict] = None,
+    overwrite: bool = True,
 ) -> Path:
-    """Save the adapter (PEFT ``save_pretrained``, with its model card) plus :data:`METHOD_FILE`."""
+    """Save the adapter (PEFT ``save_pretrained``, with its model card) plus :data:`METHOD_FILE`, atomically
+    (:func:`spp_peft._utils.atomic_write_dir`; ``overwrite=False`` refuses an existing adapter)."""
     from spp_peft import __version__
 
     folder = Path(folder)
-    model.save_pretrained(str(folder))
     info = {
         "method": method,
         "lr": lr,
@@ -578,8 +621,11 @@ def save_adapter(
         "result": {k: v for k, v in result.summary().items() if k not in ("losses", "adapter_dir")} if result else None,
         "spp_peft_version": __version__,
     }
-    (folder / METHOD_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    _append_card(folder / "README.md", method, cfg, lr, result, data_description)
+    # Written whole into a temporary sibling and renamed: weights, config, card and METHOD_FILE always match.
+    with atomic_write_dir(folder, overwrite=overwrite) as tmp:
+        model.save_pretrained(str(tmp))
+        (tmp / METHOD_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        _append_card(tmp / "README.md", method, cfg, lr, result, data_description, folder.name)
     return folder
 
 
@@ -593,7 +639,7 @@ _METHOD_TEXT = {
 
 
 def _append_card(path: Path, method: str, cfg: TrainConfig, lr: float, result: Optional[TrainResult],
-                 data: Optional[dict]) -> None:
+                 data: Optional[dict], adapter_name: str) -> None:
     lines = [
         "", "## Training (spp-peft)", "",
         f"- method: `{method}`. {_METHOD_TEXT.get(method, '')}",
@@ -607,9 +653,9 @@ def _append_card(path: Path, method: str, cfg: TrainConfig, lr: float, result: O
         summary = result.summary()
         lines.append(f"- {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['seconds']:.0f} s; "
                      f"loss {summary['first_loss']} -> {summary['final_loss']}")
-    lines.append(f"- load and merge: `spp-peft merge --model BASE --adapter {path.parent.name} --output OUT`")
+    lines.append(f"- load and merge: `spp-peft merge --model BASE --adapter {adapter_name} --output OUT`")
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    path.write_text(text.rstrip("\n") + "\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(text.rstrip("\n") + "\n" + "\n".join(lines) + "\n", encoding="utf-8")  # in the temporary folder
 
 
 # ------------------------------------------------------------------------------------ merge and load

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from spp_peft._utils import atomic_write_dir
 from spp_peft.models import find_decoder_blocks, find_linears
 from spp_peft.pruning.calibration import collect_inputs, run_blocks
 from spp_peft.pruning.common import (
@@ -404,42 +403,30 @@ def save_pruned(
     model: nn.Module,
     tokenizer,
     out_dir: Union[str, os.PathLike],
-    result: PruningResult,
+    result: Optional[PruningResult],
     overwrite: bool = False,
 ) -> Path:
     """Save a pruned model (safetensors) and tokenizer with its pruning metadata, atomically.
 
-    The files are written to a temporary folder next to ``out_dir`` and renamed into place, so ``out_dir``
-    is either absent or complete, never half-written.
+    The files are written to a temporary folder next to ``out_dir`` and renamed into place
+    (:func:`spp_peft._utils.atomic_write_dir`), so ``out_dir`` is either the old folder or the complete new
+    one, never half-written; of two concurrent saves without ``overwrite`` exactly one succeeds.
 
     Args:
         model: the pruned model.
         tokenizer: its tokenizer (``None`` to skip).
         out_dir: destination folder.
-        result: the :class:`PruningResult` of the pruning run; its metadata goes to ``config.spp_pruning``.
-        overwrite: replace an existing ``out_dir`` (otherwise an existing folder is an error).
+        result: the :class:`PruningResult` of the pruning run; its metadata goes to ``config.spp_pruning``
+            (``None``: a model pruned elsewhere, saved with the metadata it already has).
+        overwrite: replace an existing non-empty ``out_dir`` (otherwise :class:`~spp_peft._utils.OutputExistsError`).
 
     Returns:
         ``out_dir`` as a ``Path``.
     """
-    out = Path(out_dir).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"save_pruned: {out} already exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    attach_metadata(model, result)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if result is not None:
+        attach_metadata(model, result)
+    with atomic_write_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "previous")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser()
