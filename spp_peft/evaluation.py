@@ -17,13 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from spp_peft._utils.tensors import model_device
 from spp_peft.data import token_stream
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -71,7 +66,7 @@ def perplexity(
     if ids.shape[1] < 2:
         raise ValueError("perplexity: windows need at least 2 tokens")
 
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     total_nll = 0.0
@@ -139,7 +134,7 @@ def zero_shot(
     except ImportError as err:
         raise ImportError("zero-shot evaluation needs lm-eval: pip install 'spp-peft[eval]' "
                           f"(or pip install lm-eval); import failed: {err}") from err
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     try:

@@ -21,6 +21,7 @@ CARD_HEADING = "## SPP adapter (sparsity-preserved)"
 
 def model_card_section(peft_model) -> Optional[str]:
     """The markdown section describing the SPP adapters of ``peft_model`` (None if it has none)."""
+    from ._utils.tensors import numel
     from .tuner._registration import spp_peft_type
 
     sections = []
@@ -28,11 +29,11 @@ def model_card_section(peft_model) -> Optional[str]:
         if getattr(config, "peft_type", None) != spp_peft_type():
             continue
         masks = config.base_masks or {}
-        total = sum(_numel(rec["shape"]) for rec in masks.values())
-        zeros = sum(rec["sparsity"] * _numel(rec["shape"]) for rec in masks.values())
+        total = sum(numel(rec["shape"]) for rec in masks.values())
+        zeros = sum(rec["sparsity"] * numel(rec["shape"]) for rec in masks.values())
         patterns = sorted({rec["pattern"] for rec in masks.values()})
         lines = [
-            f"- adapter `{name}`: r={config.r}, spp_alpha={config.spp_alpha} (s={config.spp_alpha / config.r:g}), "
+            f"- adapter `{name}`: r={config.r}, spp_alpha={config.spp_alpha} (s={config.scaling:g}), "
             f"{len(masks)} target modules ({', '.join(sorted(_short_names(masks)))})",
             f"- base sparsity over the target modules: {zeros / total:.2%}, pattern(s): {', '.join(patterns)}"
             if total else "- base sparsity: unknown (no target recorded)",
@@ -65,13 +66,6 @@ def model_card_section(peft_model) -> Optional[str]:
             "```",
         ]
     )
-
-
-def _numel(shape) -> int:
-    total = 1
-    for s in shape:
-        total *= int(s)
-    return total
 
 
 def _short_names(masks: dict) -> set[str]:

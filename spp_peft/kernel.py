@@ -37,6 +37,11 @@ import torch
 import torch.nn.functional as F
 
 
+def scaling(alpha: float, r: int) -> float:
+    """The scale of the factors, ``s = alpha / r`` (the paper's r = 16, alpha = 32 give s = 2)."""
+    return alpha / r
+
+
 def group_index(out_features: int, r: int, device=None) -> torch.Tensor:
     """The row group of each output row: ``g(j) = floor(j * r / m)``.
 

@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from spp_peft._utils.targets import matches_target
 from spp_peft.sparsity import is_linear_like
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,6 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def _matches_suffix(name: str, key: str) -> bool:
-    # PEFT's rule: a key names a module when it equals the full name or its last dotted components.
-    return name == key or name.endswith("." + key)
-
-
 def find_linears(
     module: nn.Module,
     target_modules: Optional[Union[str, Sequence[str]]] = None,
@@ -107,25 +103,14 @@ def find_linears(
     Returns:
         ``{name relative to module: layer}`` in module order.
     """
-    exclude = tuple(exclude or ())
+    exclude = list(exclude or ())
     if isinstance(target_modules, str):
-        try:
-            pattern = re.compile(target_modules)
-        except re.error as err:
-            raise ValueError(f"target_modules regex {target_modules!r} is invalid: {err}") from None
-        keep = lambda name: pattern.fullmatch(name) is not None  # noqa: E731
-    elif target_modules is None:
-        keep = lambda name: True  # noqa: E731
-    else:
-        keys = list(target_modules)
-        keep = lambda name: any(_matches_suffix(name, key) for key in keys)  # noqa: E731
+        matches_target("", target_modules)  # an invalid regex is reported here, before the search
     found = {}
     for name, child in module.named_modules():
-        if not name or not is_linear_like(child):
+        if not name or not is_linear_like(child) or matches_target(name, exclude):
             continue
-        if any(_matches_suffix(name, key) for key in exclude):
-            continue
-        if keep(name):
+        if matches_target(name, target_modules):
             found[name] = child
     return found
 

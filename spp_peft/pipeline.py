@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from spp_peft._utils.tensors import load_safetensors_folder, numel, parse_dtype
 from spp_peft.recipe import Recipe, RecipeError, expand_tasks, load_recipe
 from spp_peft.sparsity import (
     SparsityViolation,
@@ -48,7 +49,6 @@ logger = logging.getLogger("spp_peft.pipeline")
 
 #: Key of the sparsity metadata written into an exported model's ``config.json``.
 SPARSITY_CONFIG_KEY = "spp_sparsity"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -58,7 +58,7 @@ def load(model_section) -> tuple[nn.Module, Any]:
     """Load the model and tokenizer named by the recipe's ``model:`` section."""
     from spp_peft.models import load_model
 
-    return load_model(model_section.name_or_path, dtype=DTYPES[model_section.dtype])
+    return load_model(model_section.name_or_path, dtype=parse_dtype(model_section.dtype))
 
 
 def pruning_config(section, calibration_source: Optional[str] = None):
@@ -171,8 +171,8 @@ def sparsity_metadata(model: nn.Module, layers: list[str], method: str, pattern:
     """The ``spp_sparsity`` block of an exported config: totals and each pruned layer's mask record."""
     weights = linear_weights(model)
     records = {n: describe_mask(weights[n][0], weights[n][1]).to_dict() for n in layers if n in weights}
-    total = sum(_numel(r["shape"]) for r in records.values())
-    zeros = sum(r["sparsity"] * _numel(r["shape"]) for r in records.values())
+    total = sum(numel(r["shape"]) for r in records.values())
+    zeros = sum(r["sparsity"] * numel(r["shape"]) for r in records.values())
     return {
         "method": method,
         "pattern": pattern,
@@ -180,13 +180,6 @@ def sparsity_metadata(model: nn.Module, layers: list[str], method: str, pattern:
         "layers": records,
         "verified_against": "the pruned base (zero sets compared weight by weight)",
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def export_merged(
@@ -226,13 +219,10 @@ def export_merged(
 def _check_export(folder: Path, reference: nn.Module, layers: list[str]) -> None:
     """Verify what is on disk, not what is in memory: every pruned layer saved, with the reference's zero
     set and the fingerprint recorded in ``config.json``."""
-    from safetensors.torch import load_file
-
-    state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(shard)))
-    if not state:
-        raise RuntimeError(f"export: no safetensors file was written to {folder}")
+    try:
+        state = load_safetensors_folder(folder)
+    except FileNotFoundError:
+        raise RuntimeError(f"export: no safetensors file was written to {folder}") from None
     on_disk = {n: t for n, t in state.items() if n[: -len(".weight")] in set(layers)}
     if len(on_disk) != len(layers):
         missing = sorted(set(layers) - {n[: -len(".weight")] for n in on_disk})

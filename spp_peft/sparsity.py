@@ -39,10 +39,15 @@ def conv1d_class():
     return Conv1D
 
 
+def is_fan_in_fan_out(module: nn.Module) -> bool:
+    """True when ``module.weight`` is stored as ``(in, out)``: transformers' GPT-2 style ``Conv1D``."""
+    conv1d = conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and transformers' ``Conv1D``: the layers we prune and adapt."""
-    conv1d = conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return isinstance(module, nn.Linear) or is_fan_in_fan_out(module)
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
@@ -255,12 +260,9 @@ def linear_weights(model: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[
     """
     found: dict[str, tuple[torch.Tensor, bool]] = {}
     if isinstance(model, nn.Module):
-        conv1d = conv1d_class()
         for name, module in model.named_modules():
-            if not is_linear_like(module):
-                continue
-            fan_in_fan_out = conv1d is not None and isinstance(module, conv1d)
-            found[_strip_wrappers(name)] = (module.weight, fan_in_fan_out)
+            if is_linear_like(module):
+                found[_strip_wrappers(name)] = (module.weight, is_fan_in_fan_out(module))
         return found
     for name, tensor in model.items():
         if name.endswith(".weight") and tensor.dim() == 2:

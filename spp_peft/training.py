@@ -577,14 +577,10 @@ def _finished_state(checkpoint: str) -> Optional[dict]:
 def _load_adapter_weights(model: nn.Module, checkpoint: str) -> None:
     """Load the adapter weights a Trainer checkpoint holds into ``model`` (a ``PeftModel``), exactly."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    files = sorted(Path(checkpoint).glob("adapter_model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{checkpoint} holds no adapter_model.safetensors")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    from spp_peft._utils.tensors import load_safetensors_folder
+
+    state = load_safetensors_folder(checkpoint, "adapter_model*.safetensors")
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spp_peft import _utils as U
+from spp_peft._utils import atomic as U
 from spp_peft import cli
 from spp_peft import pipeline as P
 from spp_peft import training as T
@@ -29,7 +29,7 @@ from spp_peft import training as T
 from ._pipeline_fixtures import one_thread, pruned_tiny, save_dense  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-UTILS = ROOT / "spp_peft" / "_utils.py"
+UTILS = ROOT / "spp_peft" / "_utils" / "atomic.py"
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -37,7 +37,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..sparsity import conv1d_class, is_linear_like, nm_compliance, zero_mask
+from .._utils.targets import matches_target
+from ..sparsity import is_fan_in_fan_out, is_linear_like, nm_compliance, zero_mask
 
 __all__ = [
     "Sparse24Unsupported",
@@ -160,10 +161,6 @@ class LayerEligibility:
     reason: str = ""
 
 
-def _matches(name: str, keys: Iterable[str]) -> bool:
-    return any(name == k or name.endswith("." + k) or f".{k}." in f".{name}." for k in keys)
-
-
 def _merged_check(model: nn.Module) -> None:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -199,15 +196,14 @@ def sparse24_eligibility(
     """
     _check_dtype(dtype)
     min_rows, min_cols = _shape_constraints(_resolve_backend(backend), dtype)
-    conv1d = conv1d_class()
     out = []
     for name, module in model.named_modules():
-        if not is_linear_like(module) or (exclude and _matches(name, exclude)):
+        if not is_linear_like(module) or (exclude and matches_target(name, list(exclude))):
             continue
-        if include is not None and not _matches(name, include):
+        if include is not None and not matches_target(name, include):
             continue
         weight = module.weight
-        if conv1d is not None and isinstance(module, conv1d):
+        if is_fan_in_fan_out(module):
             shape = (int(weight.shape[1]), int(weight.shape[0]))
             out.append(LayerEligibility(name, shape, False,
                                         "transformers Conv1D ((in, out) weights) is not supported; only nn.Linear"))

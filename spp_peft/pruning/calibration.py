@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from spp_peft._utils.tensors import model_device
 from spp_peft.models import find_decoder_blocks
 
 
@@ -46,12 +47,6 @@ class BlockInputs:
     @property
     def num_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def _move_outside(model: nn.Module, blocks_name: str, device: torch.device) -> None:
@@ -105,7 +100,7 @@ def capture_block_inputs(
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"calibration is empty: shape {tuple(input_ids.shape)}")
     blocks_name, blocks = find_decoder_blocks(model)
-    home = _model_device(model)
+    home = model_device(model)
     device = torch.device(device) if device is not None else home
     storage_device = torch.device(storage_device) if storage_device is not None else torch.device("cpu")
     _move_outside(model, blocks_name, device)
@@ -178,11 +173,11 @@ def run_blocks(
     model.eval()  # dropout off: the statistics must be those of inference
     try:
         blocks_name, blocks, inputs = capture_block_inputs(model, input_ids, batch_size, device)
-        home = _model_device(model)
+        home = model_device(model)
         device = torch.device(device) if device is not None else home
         for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not show_progress):
             block = blocks[index]
-            block_home = _model_device(block)
+            block_home = model_device(block)
             block.to(device)
             try:
                 process_block(index, f"{blocks_name}.{index}", block, inputs)

@@ -15,24 +15,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from spp_peft.sparsity import conv1d_class, parse_nm
+from spp_peft.sparsity import in_out_features, is_fan_in_fan_out, parse_nm  # noqa: F401 (re-exported)
 
 UNSTRUCTURED = "unstructured"
 MAX_UNSTRUCTURED_SPARSITY = 0.95
-
-
-def is_fan_in_fan_out(layer: nn.Module) -> bool:
-    """True when ``layer.weight`` is stored as ``(in, out)`` (transformers ``Conv1D``)."""
-    conv1d = conv1d_class()
-    return conv1d is not None and isinstance(layer, conv1d)
-
-
-def in_out_features(layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear-like layer."""
-    weight = layer.weight
-    if is_fan_in_fan_out(layer):
-        return int(weight.shape[0]), int(weight.shape[1])
-    return int(weight.shape[1]), int(weight.shape[0])
 
 
 def read_weight(layer: nn.Module, device: Optional[torch.device] = None) -> torch.Tensor:

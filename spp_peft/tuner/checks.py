@@ -22,7 +22,14 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
 
-from ..sparsity import MaskRecord, SparsityViolation, describe_mask, in_out_features, is_linear_like
+from ..sparsity import (
+    MaskRecord,
+    SparsityViolation,
+    describe_mask,
+    in_out_features,
+    is_fan_in_fan_out,
+    is_linear_like,
+)
 
 PEFT_PREFIX = "base_model.model."
 FACTORS = ("spp_A", "spp_B")
@@ -124,7 +131,7 @@ def check_base_masks(config, targets: Mapping[str, nn.Module], adapter_name: str
             )
         recorded = _record(name, records[name])
         base = base_of(module)
-        actual = describe_mask(base.weight, fan_in_fan_out=not isinstance(base, nn.Linear))
+        actual = describe_mask(base.weight, fan_in_fan_out=is_fan_in_fan_out(base))
         if actual.fingerprint != recorded.fingerprint:
             raise SparsityViolation(
                 f"SPP adapter '{adapter_name}' does not match this base model's zero masks: module '{name}': the "

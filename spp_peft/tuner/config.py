@@ -169,4 +169,6 @@ class SPPConfig(PeftConfig):
     @property
     def scaling(self) -> float:
         """``s = spp_alpha / r``."""
-        return self.spp_alpha / self.r
+        from ..kernel import scaling
+
+        return scaling(self.spp_alpha, self.r)

@@ -16,16 +16,16 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from ..kernel import AdapterFactors, delta_factor, effective_weight, group_index, spp_linear
+from ..kernel import AdapterFactors, delta_factor, effective_weight, group_index, scaling, spp_linear
 from ..sparsity import (
     CHECK_MODES,
     MaskRecord,
     SparsityViolation,
     as_out_in,
-    conv1d_class,
     describe_mask,
     enforce_zero_set,
     in_out_features,
+    is_fan_in_fan_out,
     is_linear_like,
     mask_fingerprint,
     zero_mask,
@@ -67,8 +67,7 @@ class SPPLayer(BaseTunerLayer):
 
     @property
     def fan_in_fan_out(self) -> bool:
-        conv1d = conv1d_class()
-        return conv1d is not None and isinstance(self.get_base_layer(), conv1d)
+        return is_fan_in_fan_out(self.get_base_layer())
 
     def update_layer(
         self,
@@ -91,7 +90,7 @@ class SPPLayer(BaseTunerLayer):
         self.r[adapter_name] = r
         self.sparsity_check[adapter_name] = sparsity_check
         self.spp_alpha[adapter_name] = spp_alpha
-        self.scaling[adapter_name] = spp_alpha / r
+        self.scaling[adapter_name] = scaling(spp_alpha, r)
         self.spp_dropout[adapter_name] = nn.Dropout(p=spp_dropout) if spp_dropout > 0 else nn.Identity()
         self.spp_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
         self.spp_B[adapter_name] = nn.Parameter(torch.empty(self.out_features))

@@ -1,4 +1,4 @@
-"""Helpers shared by every floor of spp-peft. Today: the one way the project writes files and folders.
+"""The one way spp-peft writes files and folders.
 
 Every file or folder spp-peft writes (adapters, pruned and merged models, reports, logs, caches) goes
 through :func:`atomic_write_dir` or :func:`atomic_write_file`:
