@@ -3,6 +3,7 @@
 ``spp_peft.export.sparse24`` holds the 2:4 conversion (re-exported here).
 """
 
+from . import sparse24
 from .sparse24 import (
     LayerEligibility,
     Sparse24Report,
@@ -12,11 +13,4 @@ from .sparse24 import (
     to_sparse24,
 )
 
-__all__ = [
-    "Sparse24Unsupported",
-    "LayerEligibility",
-    "Sparse24Report",
-    "check_sparse24_support",
-    "sparse24_eligibility",
-    "to_sparse24",
-]
+__all__ = list(sparse24.__all__)
