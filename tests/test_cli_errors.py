@@ -199,7 +199,7 @@ def test_eval_refuses_bad_numbers(pruned_dir, capsys, flags, needle):
 
 def test_prune_errors_are_one_line(tiny_dir, tmp_path, capsys):
     fails(capsys, ["prune", "--model", str(tiny_dir), "--method", "magnitude", "--target-modules", "nope",
-                   "--output", str(tmp_path / "p")], 2, "nope")
+                   "--output", str(tmp_path / "p"), "-q"], 2, "nope")
 
 
 @pytest.mark.parametrize("flags, needle", [
