@@ -74,6 +74,16 @@ def test_nested_yaml_aliases_give_a_short_message(tmp_path, capsys):
     assert len(line) < 2000
 
 
+def test_quote_is_bounded_for_shared_nested_values():
+    from spp_peft.errors import QUOTE_LIMIT, one_line, quote
+
+    value = ["lol"] * 9
+    for _ in range(12):  # 9**12 leaves, all shared: repr() would never finish
+        value = [value] * 9
+    assert len(quote(value)) <= QUOTE_LIMIT and len(quote("x" * 10**6)) <= QUOTE_LIMIT
+    assert one_line("a\n  b\tc", 100) == "a b c" and len(one_line("y" * 10**5)) <= 2000
+
+
 def test_non_utf8_recipe(tmp_path, capsys):
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"name: caf\xe9\n")

@@ -319,3 +319,13 @@ def test_config_validation():
         T.TrainConfig(lr=0).validate()
     with pytest.raises(ValueError, match="format"):
         T.DataConfig(format="sharegpt").validate()
+    # NaN and inf pass `x > 0`; they must not reach the Trainer (an all-NaN adapter would be saved).
+    for bad in (dict(lr=float("inf")), dict(lr=float("nan")), dict(alpha=float("nan")), dict(alpha=1e40),
+                dict(epochs=float("inf"), max_steps=-1), dict(warmup=float("inf")), dict(weight_decay=float("nan"))):
+        with pytest.raises(ValueError, match="finite"):
+            T.TrainConfig(**bad).validate()
+    # What TrainingArguments would refuse only when the Trainer is built (after pruning), refused up front.
+    with pytest.raises(ValueError, match="train.optim: unknown value 'bogus'; choose one of adamw_torch"):
+        T.TrainConfig(optim="bogus").validate()
+    with pytest.raises(ValueError, match="train.lr_scheduler: unknown value 'bogus'; choose one of linear"):
+        T.TrainConfig(lr_scheduler="bogus").validate()
