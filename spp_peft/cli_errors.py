@@ -44,6 +44,9 @@ def classify(err: BaseException) -> tuple[int, str]:
     from spp_peft.recipe import RecipeError
     from spp_peft.sparsity import SparsityViolation
 
+    if _no_space(err):
+        name = f": {err.filename}" if getattr(err, "filename", None) else ""
+        return EXIT_IO, f"error: no space left on device{name}; free space and rerun"
     if isinstance(err, SparsityViolation):
         return EXIT_SPARSITY, f"SPARSITY VIOLATION: {err}"
     if isinstance(err, TrainingDiverged):
@@ -62,10 +65,13 @@ def classify(err: BaseException) -> tuple[int, str]:
     return EXIT_FAILED, f"unexpected error: {type(err).__name__}: {err} (rerun with -v for the traceback)"
 
 
+def _no_space(err: BaseException) -> bool:
+    # safetensors' Rust writer reports ENOSPC only in its message ("... (os error 28)").
+    return getattr(err, "errno", None) in _NO_SPACE or f"(os error {errno.ENOSPC})" in str(err)
+
+
 def _classify_os_error(err: OSError) -> tuple[int, str]:
     name = f": {err.filename}" if err.filename else ""
-    if err.errno in _NO_SPACE or "os error 28" in str(err):
-        return EXIT_IO, f"error: no space left on device{name} (nothing was replaced; free space and rerun)"
     if isinstance(err, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
         return EXIT_BAD_INPUT, f"error: {err}"
     if isinstance(err, UnreadableInput) or err.errno is None:

@@ -514,6 +514,8 @@ def validate(recipe: Recipe, check_paths: bool = True) -> None:
     def fail(message):
         raise RecipeError(message)
 
+    if not recipe.output_dir.replace("{name}", recipe.name).strip():
+        fail("output_dir must not be empty (the run would write into the current folder)")
     if recipe.model.dtype not in ("float32", "bfloat16", "float16"):
         fail(f"model.dtype must be float32, bfloat16 or float16, got {quote(recipe.model.dtype)}")
     p = recipe.pruning

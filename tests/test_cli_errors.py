@@ -137,6 +137,17 @@ def test_full_disk_while_saving(tiny_dir, tmp_path, capsys, monkeypatch):
     assert not [p for p in out.parent.iterdir()], "no half-written leftovers"
 
 
+def test_classify_no_space_from_safetensors_and_unknown_errors():
+    """safetensors' Rust writer says ENOSPC only in its text; other exceptions are bugs (exit 1)."""
+    from spp_peft.cli_errors import EXIT_FAILED, EXIT_IO, classify
+
+    rust = type("SafetensorError", (Exception,), {})("Error while serializing: I/O error: No space left on "
+                                                     "device (os error 28)")
+    assert classify(rust) == (EXIT_IO, "error: no space left on device; free space and rerun")
+    code, message = classify(ZeroDivisionError("division by zero"))
+    assert code == EXIT_FAILED and "ZeroDivisionError" in message and "-v" in message
+
+
 # -------------------------------------------------------------------------- validation before any work
 
 
@@ -176,6 +187,13 @@ def test_run_validates_against_the_model_before_pruning(tiny_dir, tmp_path, caps
     recipe = _recipe(tmp_path / "r.yaml", tiny_dir, out, **change)
     fails(capsys, ["run", str(recipe)], 2, needle)
     assert not out.exists(), "nothing may be written (or pruned) for a bad recipe"
+
+
+def test_empty_output_dir_is_refused(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = _recipe(tmp_path / "r.yaml", tiny_dir, tmp_path / "out")
+    fails(capsys, ["run", str(recipe), "--set", "output_dir="], 2, "output_dir must not be empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.yaml"]
 
 
 @pytest.mark.parametrize("content, needle", [(b"", "empty"), (b"  \n\n", "empty"), (b"caf\xe9 au lait\n", "UTF-8")])
