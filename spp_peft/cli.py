@@ -338,6 +338,14 @@ def cmd_estimate(argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------------------------------ parser
 
 
+def _debug_parent() -> argparse.ArgumentParser:
+    """``-v`` after the command too; SUPPRESS keeps a subcommand from resetting a ``-v`` given before it."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(*DEBUG_FLAGS, dest="verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="Debug logging, and the traceback of an error.")
+    return debug
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spp-peft",
@@ -348,13 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(*DEBUG_FLAGS, dest="verbose", action="store_true",
                         help="Debug logging, and the traceback of an error.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    # -v after the command too; SUPPRESS keeps a subcommand from resetting a -v given before it.
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument(*DEBUG_FLAGS, dest="verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="Debug logging, and the traceback of an error.")
 
     def add(name: str, **kwargs) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[debug], epilog=EXIT_CODES_HELP,
+        return sub.add_parser(name, parents=[_debug_parent()], epilog=EXIT_CODES_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def common(p):
