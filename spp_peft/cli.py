@@ -39,6 +39,7 @@ from spp_peft.recipe import (
     RecipeError,
     build_dataclass,
     check_model,
+    check_pruning,
     check_source,
     load_recipe,
     parse_value,
@@ -54,7 +55,7 @@ from spp_peft.cli_errors import (  # noqa: F401 (the exit codes are part of the 
     EXIT_SPARSITY,
     guarded,
 )
-from spp_peft.errors import reading
+from spp_peft.errors import quote, reading
 from spp_peft.training import METHODS, DataConfig, TrainConfig
 
 #: The flags that show tracebacks; accepted before or after the command.
@@ -114,7 +115,7 @@ def split_dotted(extra: Sequence[str]) -> list[str]:
     while i < len(extra):
         token = extra[i]
         if not token.startswith("--") or "." not in token.split("=", 1)[0]:
-            raise RecipeError(f"unrecognized argument {token!r} (recipe keys look like --train.lr 3e-2)")
+            raise RecipeError(f"unrecognized argument {quote(token)} (recipe keys look like --train.lr 3e-2)")
         if "=" in token:
             overrides.append(token[2:])
             i += 1
@@ -171,6 +172,7 @@ def cmd_prune(args, extra) -> int:
     section = dataclass_from_flags(args, PruningSection, "pruning")
     if section.method == "none":
         raise RecipeError("prune: --method none does nothing; choose magnitude, wanda or sparsegpt")
+    check_pruning(section)
     model_section = build_dataclass(ModelSection, {"name_or_path": args.model, "dtype": args.dtype}, "model")
     check_model(args.model, "--model")
     if section.method != "magnitude":

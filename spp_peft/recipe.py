@@ -509,7 +509,6 @@ def check_model(name: str, key: str = "model.name_or_path") -> None:
 
 def validate(recipe: Recipe, check_paths: bool = True) -> None:
     """Semantic checks of a type-correct recipe (raises :class:`RecipeError`)."""
-    from spp_peft.pruning import PruningConfig
 
     def fail(message):
         raise RecipeError(message)
@@ -519,14 +518,7 @@ def validate(recipe: Recipe, check_paths: bool = True) -> None:
     if recipe.model.dtype not in ("float32", "bfloat16", "float16"):
         fail(f"model.dtype must be float32, bfloat16 or float16, got {quote(recipe.model.dtype)}")
     p = recipe.pruning
-    if p.method != "none":
-        names = {f.name for f in dataclasses.fields(PruningConfig)}
-        try:
-            PruningConfig(**{k: v for k, v in vars(p).items() if k in names})
-        except ValueError as err:
-            fail(f"pruning: {err}")
-        if p.nsamples < 1 or p.seqlen < 2:
-            fail(f"pruning: nsamples must be >= 1 and seqlen >= 2, got {p.nsamples}, {p.seqlen}")
+    check_pruning(p)
     for section, validator in (("data", recipe.data.validate), ("train", recipe.train.validate)):
         try:
             validator()
@@ -559,6 +551,21 @@ def validate(recipe: Recipe, check_paths: bool = True) -> None:
     check_source(recipe.data.source, "data.source", "text" if recipe.data.format == "text" else "records")
     for name, source in e.datasets.items():
         check_source(source, f"eval.datasets.{name}", "text")
+
+
+def check_pruning(p) -> None:
+    """A ``pruning:`` section (also ``spp-peft prune``'s flags) that :class:`PruningConfig` accepts."""
+    from spp_peft.pruning import PruningConfig
+
+    if p.method == "none":
+        return
+    names = {f.name for f in dataclasses.fields(PruningConfig)}
+    try:
+        PruningConfig(**{k: v for k, v in vars(p).items() if k in names})
+    except ValueError as err:
+        raise RecipeError(f"pruning: {err}") from None
+    if p.nsamples < 1 or p.seqlen < 2:
+        raise RecipeError(f"pruning: nsamples must be >= 1 and seqlen >= 2, got {p.nsamples}, {p.seqlen}")
 
 
 def check_eval(e: EvalSection) -> None:

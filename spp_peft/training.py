@@ -130,7 +130,7 @@ class TrainConfig:
         finite = math.isfinite
         checks = [
             (self.r >= 1, f"train.r must be >= 1, got {self.r}"),
-            (finite(self.alpha) and 0 < self.alpha / self.r < _FLOAT32_MAX,
+            (finite(self.alpha) and 0 < self.alpha / max(self.r, 1) < _FLOAT32_MAX,
              f"train.alpha must be a finite number > 0 (alpha / r finite in float32), got {self.alpha}"),
             (0 <= self.dropout < 1, f"train.dropout must be in [0, 1), got {self.dropout}"),
             (finite(self.lr) and self.lr > 0, f"train.lr must be a finite number > 0, got {self.lr}"),

@@ -165,6 +165,7 @@ def test_classify_no_space_from_safetensors_and_unknown_errors():
     (["--target-modules", "nope"], "nope"),
     (["--target-modules", "q_proj,input_layernorm"], "input_layernorm"),
     (["--r", "4096"], "train.r"),
+    (["--r", "0"], "train.r must be >= 1"),
 ])
 def test_train_refuses_bad_settings_before_work(pruned_dir, tmp_path, capsys, flags, needle):
     out = tmp_path / "train"
@@ -223,6 +224,15 @@ def test_broken_jsonl_data(pruned_dir, tmp_path, capsys):
 ])
 def test_eval_refuses_bad_numbers(pruned_dir, capsys, flags, needle):
     fails(capsys, ["eval", "--model", str(pruned_dir), *flags], 2, needle)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--method", "wanda", "--nsamples", "0"], "nsamples must be >= 1"),
+    (["--method", "wanda", "--seqlen", "1"], "seqlen >= 2"),
+])
+def test_prune_checks_calibration_numbers(tiny_dir, tmp_path, capsys, flags, needle):
+    fails(capsys, ["prune", "--model", str(tiny_dir), *flags, "--output", str(tmp_path / "p"), "-q"], 2, needle)
+    assert not (tmp_path / "p").exists()
 
 
 def test_prune_errors_are_one_line(tiny_dir, tmp_path, capsys):
