@@ -487,7 +487,7 @@ def train(
         args=args,
         train_dataset=dataset,
         data_collator=PadCollator(_pad_id(tokenizer)),
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), _divergence_guard()],
     )
     resume = _prepare_checkpoints(ckpt_dir, _run_identity(method, cfg, lr, dataset, data_description), cfg.resume)
     if resume:
@@ -508,7 +508,7 @@ def train(
         steps, history = int(trainer.state.global_step), [dict(e) for e in trainer.state.log_history]
     seconds = time.perf_counter() - start
     model.eval()
-    _check_finite(model, method, lr)
+    _check_finite(model, method, lr, steps)
     tokens = _tokens_seen(dataset, steps * cfg.batch_size * cfg.grad_accum)
     result = TrainResult(method, model, None, history, steps, seconds, tokens, lr, len(dataset), resume)
     (out / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
@@ -516,14 +516,37 @@ def train(
     return result
 
 
-def _check_finite(model: nn.Module, method: str, lr: float) -> None:
-    """Refuse to save trained weights that hold NaN or inf (a diverged run): nothing useful can be merged."""
+def _non_finite_param(model: nn.Module) -> Optional[str]:
+    """The first trainable parameter holding NaN or inf, or ``None``."""
     for name, param in model.named_parameters():
         if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
-            from spp_peft.errors import TrainingDiverged
+            return name
+    return None
 
-            raise TrainingDiverged(f"{method}: training produced non-finite adapter weights ({name}) with "
-                                   f"lr={lr:g}; nothing was saved: lower the learning rate")
+
+def _divergence_guard():
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        """Stop at the first step that leaves a non-finite trainable weight: the run is lost, and the rest of
+        the budget would be spent on NaNs (the Trainer's logged loss hides them: logging_nan_inf_filter)."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is not None and _non_finite_param(model) is not None:
+                control.should_training_stop = True
+            return control
+
+    return DivergenceGuard()
+
+
+def _check_finite(model: nn.Module, method: str, lr: float, steps: int) -> None:
+    """Refuse to save trained weights that hold NaN or inf (a diverged run): nothing useful can be merged."""
+    name = _non_finite_param(model)
+    if name is not None:
+        from spp_peft.errors import TrainingDiverged
+
+        raise TrainingDiverged(f"{method}: training produced non-finite adapter weights ({name}) by step {steps} "
+                               f"with lr={lr:g}; nothing was saved: lower the learning rate")
 
 
 #: Settings that do not change what a run computes; a checkpoint may be resumed across changes of these.

@@ -172,6 +172,16 @@ def _spp_b(model):
     return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "spp_B" in n])
 
 
+def test_diverged_training_stops_early_and_saves_nothing(pruned, dataset, tmp_path):
+    from spp_peft.errors import TrainingDiverged
+
+    base, tokenizer = pruned
+    cfg = T.TrainConfig(**dict(CFG, lr=1e30), max_steps=40)
+    with pytest.raises(TrainingDiverged, match=r"non-finite adapter weights .* by step (\d|1\d) with lr=1e\+30"):
+        T.train(T.prepare_model(copy.deepcopy(base), "spp", cfg), tokenizer, "spp", dataset, cfg, tmp_path)
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_train_saves_adapter_and_resume_equals_uninterrupted(pruned, dataset, tmp_path):
     base, tokenizer = pruned
     cfg = T.TrainConfig(**CFG, max_steps=6, save_steps=2)
