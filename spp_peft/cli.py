@@ -13,7 +13,12 @@ Flags of ``prune`` and ``train`` are the keys of the recipe's ``pruning:`` / ``d
 generated from the same dataclasses (``--max-steps`` or ``--max_steps``). ``run`` and ``demo`` accept any
 recipe key as ``--set KEY=VALUE`` or ``--KEY VALUE`` with a dotted key (``--train.lr 3e-2``).
 
-Exit codes: 0 success, 2 bad input (recipe, flags, missing files), 3 sparsity violation.
+Every expected failure is one line on stderr (``spp-peft COMMAND: error: ...`` naming the file, key or
+value) and an exit code; ``-v`` / ``--debug`` adds the traceback. Exit codes (see
+:data:`spp_peft.cli_errors.EXIT_CODES_HELP`): 0 success, 1 unexpected error (a bug), 2 bad input (recipe,
+flags, values, missing or empty files), 3 sparsity violation, 4 I/O error (disk full, unreadable or
+truncated file), 5 training diverged (nothing saved), 130 interrupted (Ctrl-C), 141 output closed early
+(``| head``).
 """
 
 from __future__ import annotations
@@ -34,15 +39,27 @@ from spp_peft.recipe import (
     RecipeError,
     build_dataclass,
     check_model,
+    check_pruning,
     check_source,
     load_recipe,
     parse_value,
     recipe_keys,
 )
+from spp_peft.cli_errors import (  # noqa: F401 (the exit codes are part of the CLI's interface)
+    EXIT_BAD_INPUT,
+    EXIT_BROKEN_PIPE,
+    EXIT_CODES_HELP,
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_IO,
+    EXIT_SPARSITY,
+    guarded,
+)
+from spp_peft.errors import quote, reading
 from spp_peft.training import METHODS, DataConfig, TrainConfig
 
-EXIT_BAD_INPUT = 2
-EXIT_SPARSITY = 3
+#: The flags that show tracebacks; accepted before or after the command.
+DEBUG_FLAGS = ("-v", "--verbose", "--debug")
 
 # ----------------------------------------------------------------------------------- flag generation
 
@@ -98,7 +115,7 @@ def split_dotted(extra: Sequence[str]) -> list[str]:
     while i < len(extra):
         token = extra[i]
         if not token.startswith("--") or "." not in token.split("=", 1)[0]:
-            raise RecipeError(f"unrecognized argument {token!r} (recipe keys look like --train.lr 3e-2)")
+            raise RecipeError(f"unrecognized argument {quote(token)} (recipe keys look like --train.lr 3e-2)")
         if "=" in token:
             overrides.append(token[2:])
             i += 1
@@ -113,9 +130,13 @@ def split_dotted(extra: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------- commands
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("spp_peft").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if quiet:  # -q means no progress bars, transformers' own ("Loading weights") included
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def cmd_run(args, extra) -> int:
@@ -151,6 +172,7 @@ def cmd_prune(args, extra) -> int:
     section = dataclass_from_flags(args, PruningSection, "pruning")
     if section.method == "none":
         raise RecipeError("prune: --method none does nothing; choose magnitude, wanda or sparsegpt")
+    check_pruning(section)
     model_section = build_dataclass(ModelSection, {"name_or_path": args.model, "dtype": args.dtype}, "model")
     check_model(args.model, "--model")
     if section.method != "magnitude":
@@ -175,7 +197,6 @@ def _output(path: str, overwrite: bool) -> Path:
 
 
 def cmd_train(args, extra) -> int:
-    from spp_peft.models import load_model
     from spp_peft.training import build_dataset, prepare_model, train
 
     data = dataclass_from_flags(args, DataConfig, "data")
@@ -189,10 +210,13 @@ def cmd_train(args, extra) -> int:
         raise RecipeError(str(err)) from None
     check_model(args.model, "--model")
     check_source(data.source, "--data", "text" if data.format == "text" else "records")
+    from spp_peft.preflight import check_adapter_targets, model_skeleton
     from spp_peft.training import is_resume
 
+    check_adapter_targets(model_skeleton(args.model), cfg.target_modules, "train.target_modules",
+                          cfg.r if args.method == "spp" else None)
     _output(args.output, args.overwrite or is_resume(args.output, args.method, cfg, data=dataclasses.asdict(data)))
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load_model(args.model)
     dataset = build_dataset(tokenizer, data)
     peft_model = prepare_model(model, args.method, cfg)
     result = train(peft_model, tokenizer, args.method, dataset, cfg, args.output,
@@ -201,6 +225,14 @@ def cmd_train(args, extra) -> int:
     print(f"{args.method}: {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}, "
           f"{summary['seconds']:.0f} s; adapter saved to {result.adapter_dir}")
     return 0
+
+
+def _load_model(path: str):
+    """The model and tokenizer of ``--model``; a truncated or broken file is an error naming it (exit 4)."""
+    from spp_peft.models import load_model
+
+    with reading(path, "--model"):
+        return load_model(path)
 
 
 def _reference_masks(model, layers):
@@ -212,7 +244,6 @@ def _reference_masks(model, layers):
 
 
 def cmd_merge(args, extra) -> int:
-    from spp_peft.models import load_model
     from spp_peft.pipeline import expected_pattern, export_merged, pruned_layers, verify
     from spp_peft.sparsity import SparsityViolation
     from spp_peft.training import load_trained, merge
@@ -221,13 +252,14 @@ def cmd_merge(args, extra) -> int:
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise RecipeError(f"--adapter {args.adapter} is not an adapter folder (no adapter_config.json)")
     out = _output(args.output, args.overwrite)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load_model(args.model)
     layers = pruned_layers(model)
     if not layers:
         raise RecipeError(f"--model {args.model} has no zero weight: merge expects the pruned base model")
     reference = _reference_masks(model, layers)
     pattern = expected_pattern(model)
-    peft_model, method = load_trained(model, args.adapter)
+    with reading(args.adapter, "--adapter"):
+        peft_model, method = load_trained(model, args.adapter)
     merged = merge(peft_model, method)
     check = verify(reference, merged, layers)
     if not check["ok"]:
@@ -248,9 +280,8 @@ def _parse_datasets(items: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_eval(args, extra) -> int:
-    from spp_peft.models import load_model
     from spp_peft.pipeline import evaluate, eval_sets, pruned_layers, zero_shot
-    from spp_peft.recipe import EvalSection
+    from spp_peft.recipe import EvalSection, check_eval
     from spp_peft.sparsity import sparsity_report
 
     check_model(args.model, "--model")
@@ -261,16 +292,18 @@ def cmd_eval(args, extra) -> int:
         "datasets": datasets, "seqlen": args.seqlen, "max_tokens": args.max_tokens, "batch_size": args.batch_size,
         "zero_shot_tasks": args.tasks or [], "zero_shot_limit": args.limit,
     }, "eval")
+    check_eval(section)
     if section.zero_shot_tasks:
         import importlib.util
 
         if importlib.util.find_spec("lm_eval") is None:
             raise RecipeError("--tasks needs lm-eval: pip install 'spp-peft[eval]'")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load_model(args.model)
     if args.adapter:
         from spp_peft.training import load_trained, merge
 
-        peft_model, method = load_trained(model, args.adapter)
+        with reading(args.adapter, "--adapter"):
+            peft_model, method = load_trained(model, args.adapter)
         model = merge(peft_model, method)
     sets = eval_sets(tokenizer, section)
     layers = pruned_layers(model)
@@ -293,68 +326,9 @@ def cmd_eval(args, extra) -> int:
 
 
 def cmd_inspect(args, extra) -> int:
-    from spp_peft.sparsity import describe_mask, sparsity_report
+    from spp_peft.cli_inspect import inspect_path
 
-    path = Path(args.path)
-    if not path.exists():
-        raise RecipeError(f"{path} does not exist")
-    if (path / "report.json").is_file():
-        from spp_peft.report import format_table, read_report
-
-        report = read_report(path)
-        print(f"run {report.get('name')} ({report.get('model')}), {report.get('seconds', 0) / 60:.1f} min")
-        print(format_table(report))
-        return 0
-    if (path / "adapter_config.json").is_file():
-        from spp_peft.training import METHOD_FILE, read_method
-
-        config = json.loads((path / "adapter_config.json").read_text())
-        print(f"adapter: {path}  method: {read_method(path)}  peft_type: {config.get('peft_type')}")
-        keys = ("r", "spp_alpha", "lora_alpha", "target_modules", "base_model_name_or_path")
-        for key in keys:
-            if key in config:
-                print(f"  {key}: {config[key]}")
-        masks = config.get("base_masks") or {}
-        if masks:
-            patterns = sorted({m['pattern'] for m in masks.values()})
-            mean = sum(m["sparsity"] for m in masks.values()) / len(masks)
-            print(f"  base masks recorded: {len(masks)} modules, pattern(s) {', '.join(patterns)}, "
-                  f"mean sparsity {mean:.2%}")
-        info = path / METHOD_FILE
-        if info.is_file():
-            result = json.loads(info.read_text()).get("result") or {}
-            if result:
-                print(f"  trained: {result.get('steps')} steps, lr {result.get('lr')}, loss "
-                      f"{result.get('first_loss')} -> {result.get('final_loss')}")
-        return 0
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files or any(f.suffix != ".safetensors" for f in files):
-        raise RecipeError(f"{path}: not a model folder with safetensors, an adapter, or a run folder")
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    pruning = config.get("spp_pruning")
-    sparsity_meta = config.get("spp_sparsity")
-    pattern = (pruning or {}).get("pattern")
-    # The pruned layers, as recorded; without a record, every linear weight holding zeros.
-    names = (pruning or {}).get("pruned_layers") or list((sparsity_meta or {}).get("layers", {})) or None
-    report = sparsity_report(state, include=names, exclude_dense=True,
-                             expected_pattern=pattern if pattern and pattern != "unstructured" else None)
-    print(report.format(max_rows=args.max_rows))
-    if pruning:
-        print(f"pruning: {pruning.get('method')} {pruning.get('pattern')} sparsity {pruning.get('sparsity')}")
-    if sparsity_meta:
-        recorded = sparsity_meta.get("layers", {})
-        bad = [n for n, rec in recorded.items()
-               if f"{n}.weight" not in state or describe_mask(state[f"{n}.weight"]).fingerprint != rec["fingerprint"]]
-        print(f"spp_sparsity metadata: method {sparsity_meta.get('method')}, {len(recorded)} layers recorded; "
-              + ("all mask fingerprints match the weights" if not bad else f"{len(bad)} MISMATCH(ES), first: {bad[0]}"))
-        if bad:
-            return EXIT_SPARSITY
-    return 0
+    return inspect_path(Path(args.path), args.max_rows)
 
 
 def cmd_estimate(argv: Sequence[str]) -> int:
@@ -374,22 +348,36 @@ def cmd_estimate(argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------------------------------ parser
 
 
+def _debug_parent() -> argparse.ArgumentParser:
+    """``-v`` after the command too; SUPPRESS keeps a subcommand from resetting a ``-v`` given before it."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(*DEBUG_FLAGS, dest="verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="Debug logging, and the traceback of an error.")
+    return debug
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spp-peft",
         description="Prune, fine-tune with SPP, merge, verify, evaluate and export sparse LLMs.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES_HELP,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument(*DEBUG_FLAGS, dest="verbose", action="store_true",
+                        help="Debug logging, and the traceback of an error.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[_debug_parent()], epilog=EXIT_CODES_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def common(p):
         p.add_argument("-q", "--quiet", action="store_true", help="No progress bars.")
 
     for name, text in (("run", "Run every stage of a recipe (YAML)."),
                        ("demo", "The quickstart recipe on the built-in SmolLM2-135M, offline (~10 min on 2 cores).")):
-        p = sub.add_parser(name, help=text, description=text + " Any recipe key can be overridden with "
-                           "--set KEY=VALUE or --KEY VALUE (dotted key, e.g. --train.lr 3e-2).")
+        p = add(name, help=text, description=text + " Any recipe key can be overridden with "
+                "--set KEY=VALUE or --KEY VALUE (dotted key, e.g. --train.lr 3e-2).")
         if name == "run":
             p.add_argument("recipe", help="Recipe YAML file (see configs/).")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
@@ -399,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Write into a non-empty output folder (a rerun of the same recipe resumes without it).")
         common(p)
 
-    p = sub.add_parser("keys", help="List every recipe key with its type, default and help.")
+    p = add("keys", help="List every recipe key with its type, default and help.")
 
-    p = sub.add_parser("prune", help="Prune a model and save it (safetensors + pruning metadata).")
+    p = add("prune", help="Prune a model and save it (safetensors + pruning metadata).")
     p.add_argument("--model", default="smollm2", help="'smollm2' or a model folder.")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--output", required=True, help="Folder for the pruned model.")
@@ -410,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, PruningSection, "pruning")
     common(p)
 
-    p = sub.add_parser("train", help="Fine-tune a pruned model with one method and save the adapter.")
+    p = add("train", help="Fine-tune a pruned model with one method and save the adapter.")
     p.add_argument("--model", required=True, help="The pruned model folder.")
     p.add_argument("--method", default="spp", choices=[m for m in METHODS if m != "none"])
     p.add_argument("--output", required=True, help="Folder for checkpoints/, adapter/ and train_log.json.")
@@ -420,14 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, TrainConfig, "train")
     common(p)
 
-    p = sub.add_parser("merge", help="Merge an adapter into its pruned base, verify the zeros, export.")
+    p = add("merge", help="Merge an adapter into its pruned base, verify the zeros, export.")
     p.add_argument("--model", required=True, help="The pruned base model folder.")
     p.add_argument("--adapter", required=True, help="The adapter folder (from train).")
     p.add_argument("--output", required=True, help="Folder for the merged model.")
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
     common(p)
 
-    p = sub.add_parser("eval", help="Perplexity (WikiText-2 protocol) and optional lm-eval zero-shot tasks.")
+    p = add("eval", help="Perplexity (WikiText-2 protocol) and optional lm-eval zero-shot tasks.")
     p.add_argument("--model", required=True, help="'smollm2' or a model folder.")
     p.add_argument("--adapter", help="An adapter to load and merge first.")
     p.add_argument("--data", action="append", metavar="[NAME=]SOURCE",
@@ -440,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print JSON.")
     common(p)
 
-    p = sub.add_parser("inspect", help="Sparsity and metadata of a model folder, an adapter or a run folder.")
+    p = add("inspect", help="Sparsity and metadata of a model folder, an adapter or a run folder.")
     p.add_argument("path")
     p.add_argument("--max-rows", type=int, default=20)
 
@@ -458,27 +446,21 @@ DOTTED = ("run", "demo")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns its exit code (see :data:`~spp_peft.cli_errors.EXIT_CODES_HELP`)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["estimate"]:
-        return cmd_estimate(argv[1:])
+    leading = 0
+    while leading < len(argv) and argv[leading] in DEBUG_FLAGS:
+        leading += 1
+    if argv[leading:leading + 1] == ["estimate"]:
+        rest = argv[leading + 1:]
+        debug = leading > 0 or any(a in DEBUG_FLAGS for a in rest)
+        return guarded("estimate", lambda: cmd_estimate([a for a in rest if a not in DEBUG_FLAGS]), debug)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in DOTTED:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _setup_logging(args.verbose)
-    from spp_peft.sparsity import SparsityViolation
-
-    try:
-        return COMMANDS[args.command](args, extra)
-    except RecipeError as err:
-        print(f"spp-peft {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except SparsityViolation as err:
-        print(f"spp-peft {args.command}: SPARSITY VIOLATION: {err}", file=sys.stderr)
-        return EXIT_SPARSITY
-    except (FileNotFoundError, FileExistsError) as err:
-        print(f"spp-peft {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    _setup_logging(args.verbose, getattr(args, "quiet", False))
+    return guarded(args.command, lambda: COMMANDS[args.command](args, extra), debug=args.verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -143,7 +143,8 @@ class ModelShape:
         return self.total_params - sum(self.block_params)
 
 
-def _load_config(model: Any):
+def load_config(model: Any):
+    """``(transformers config, display name)`` of anything :func:`model_shape` accepts."""
     from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
     if isinstance(model, PretrainedConfig):
@@ -158,8 +159,11 @@ def _load_config(model: Any):
         data.pop("model_type")
         return LlamaConfig(**data), "smollm2-135m"
     if os.path.isdir(text) or os.path.isfile(text):
-        path = os.path.dirname(text) if os.path.isfile(text) else text
-        return AutoConfig.from_pretrained(path), text
+        if os.path.isfile(text) and not text.endswith(".json"):
+            raise ValueError(f"--model {text!r} is a file; pass a model folder or its config.json")
+        if os.path.isfile(text):
+            return _config_from_file(AutoConfig, text), text
+        return AutoConfig.from_pretrained(text), text
     try:
         return AutoConfig.from_pretrained(text), text
     except OSError as err:
@@ -167,6 +171,17 @@ def _load_config(model: Any):
             f"cannot read a model config from {text!r}: not 'smollm2', not a local folder with config.json, and "
             f"not reachable on the hub (offline?). Cause: {err}"
         ) from None
+
+
+def _config_from_file(auto_config, path: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model {path!r} is not a readable JSON config: {err}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"--model {path!r} is not a transformers config.json (no model_type)")
+    return auto_config.for_model(data.pop("model_type"), **data)
 
 
 def model_shape(model: Any = "smollm2") -> ModelShape:
@@ -191,7 +206,7 @@ def _model_shape(model: Any) -> ModelShape:
 
     from .models import find_decoder_blocks, find_linears
 
-    config, name = _load_config(model)
+    config, name = load_config(model)
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(config)
     seen: set[int] = set()
@@ -348,6 +363,10 @@ def estimate_memory(
                          ("grad_accumulation_steps", grad_accumulation_steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
+    if not (0 <= overhead_gib < float("inf")):  # also refuses NaN
+        raise ValueError(f"overhead_gib must be a finite number >= 0, got {overhead_gib!r}")
     if sharding != "none" and devices < 2:
         raise ValueError(f"sharding={sharding!r} needs devices >= 2")
 

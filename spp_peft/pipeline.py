@@ -56,9 +56,11 @@ SPARSITY_CONFIG_KEY = "spp_sparsity"
 
 def load(model_section) -> tuple[nn.Module, Any]:
     """Load the model and tokenizer named by the recipe's ``model:`` section."""
+    from spp_peft.errors import reading
     from spp_peft.models import load_model
 
-    return load_model(model_section.name_or_path, dtype=parse_dtype(model_section.dtype))
+    with reading(model_section.name_or_path, "model.name_or_path"):  # a truncated file names itself
+        return load_model(model_section.name_or_path, dtype=parse_dtype(model_section.dtype))
 
 
 def pruning_config(section, calibration_source: Optional[str] = None):
@@ -314,6 +316,9 @@ def run(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    from spp_peft.preflight import check_recipe_model
+
+    check_recipe_model(recipe)  # targets and r against the model's skeleton: before anything is written
     say = echo or (lambda _msg: None)
     out = check_output_dir(recipe, overwrite)
     timer = _Timer()

@@ -41,6 +41,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from spp_peft.errors import describe_cause, quote
 from spp_peft.evaluation import PAPER_TASKS
 from spp_peft.training import METHODS, DataConfig, TrainConfig
 
@@ -236,7 +237,7 @@ def _construct_mapping(loader, node, deep=False):
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in keys:
-            raise RecipeError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+            raise RecipeError(f"duplicate key {quote(key)} at line {key_node.start_mark.line + 1}")
         keys.add(key)
     return loader.construct_mapping(node, deep)
 
@@ -269,7 +270,7 @@ def _type_name(tp) -> str:
 
 
 def _got(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{quote(value)} ({type(value).__name__})"
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -321,8 +322,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unknown_key(key: str, known: Sequence[str], where: str) -> RecipeError:
     close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return RecipeError(f"unknown key {where + '.' if where else ''}{key}{hint} (known: {', '.join(known)})")
+    hint = f"; did you mean {quote(close[0])}?" if close else ""
+    return RecipeError(f"unknown key {where + '.' if where else ''}{quote(key)[1:-1]}{hint} (known: {', '.join(known)})")
 
 
 def build_dataclass(cls, data: Any, where: str = ""):
@@ -408,7 +409,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         key, sep, raw = item.partition("=")
         key = key.strip().lstrip("-")
         if not sep or not key:
-            raise RecipeError(f"override {item!r} must look like KEY=VALUE, e.g. train.lr=3e-2")
+            raise RecipeError(f"override {quote(item)} must look like KEY=VALUE, e.g. train.lr=3e-2")
         tp = field_type(key)
         set_key(data, key, parse_value(raw, tp, key))
     return data
@@ -429,8 +430,12 @@ def load_recipe_data(source: Union[str, os.PathLike, dict, None]) -> dict:
     else:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise RecipeError(f"recipe file {text!r} does not exist")
-        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+            raise RecipeError(f"recipe file {quote(text)} does not exist")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"recipe file {quote(str(path))} is {describe_cause(err)}") from None
+        data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -471,15 +476,17 @@ def check_source(source: str, key: str, kind: str) -> None:
         allowed = {"text": ("builtin", "builtin:train", "builtin:heldout", "builtin:ood"),
                    "records": ("builtin:instructions", "builtin:instructions:train", "builtin:instructions:heldout")}
         if source not in allowed[kind]:
-            raise RecipeError(f"{key}: unknown built-in source {source!r}; choose one of {', '.join(allowed[kind])}")
+            raise RecipeError(f"{key}: unknown built-in source {quote(source)}; choose one of {', '.join(allowed[kind])}")
         return
     path = Path(source).expanduser()
     if path.is_file():
-        return
+        from spp_peft.preflight import check_data_file
+
+        return check_data_file(path, key)
     if path.suffix.lower() in _FILE_SUFFIXES or source.startswith(("/", ".", "~")) or path.exists():
-        raise RecipeError(f"{key}: file {source!r} does not exist")
+        raise RecipeError(f"{key}: file {quote(source)} does not exist")
     if _offline():
-        raise RecipeError(f"{key}: {source!r} is neither a local file nor built-in, and the hub is offline "
+        raise RecipeError(f"{key}: {quote(source)} is neither a local file nor built-in, and the hub is offline "
                           "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)")
 
 
@@ -493,31 +500,25 @@ def check_model(name: str, key: str = "model.name_or_path") -> None:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise RecipeError(f"{key}: {name!r} is not a model folder (no config.json)")
+            raise RecipeError(f"{key}: {quote(name)} is not a model folder (no config.json)")
         return
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or _offline():
-        raise RecipeError(f"{key}: model {name!r} does not exist locally"
+        raise RecipeError(f"{key}: model {quote(name)} does not exist locally"
                           + (" and the hub is offline" if _offline() else ""))
 
 
 def validate(recipe: Recipe, check_paths: bool = True) -> None:
     """Semantic checks of a type-correct recipe (raises :class:`RecipeError`)."""
-    from spp_peft.pruning import PruningConfig
 
     def fail(message):
         raise RecipeError(message)
 
+    if not recipe.output_dir.replace("{name}", recipe.name).strip():
+        fail("output_dir must not be empty (the run would write into the current folder)")
     if recipe.model.dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"model.dtype must be float32, bfloat16 or float16, got {recipe.model.dtype!r}")
+        fail(f"model.dtype must be float32, bfloat16 or float16, got {quote(recipe.model.dtype)}")
     p = recipe.pruning
-    if p.method != "none":
-        names = {f.name for f in dataclasses.fields(PruningConfig)}
-        try:
-            PruningConfig(**{k: v for k, v in vars(p).items() if k in names})
-        except ValueError as err:
-            fail(f"pruning: {err}")
-        if p.nsamples < 1 or p.seqlen < 2:
-            fail(f"pruning: nsamples must be >= 1 and seqlen >= 2, got {p.nsamples}, {p.seqlen}")
+    check_pruning(p)
     for section, validator in (("data", recipe.data.validate), ("train", recipe.train.validate)):
         try:
             validator()
@@ -526,33 +527,57 @@ def validate(recipe: Recipe, check_paths: bool = True) -> None:
     methods = recipe.train.methods
     for m in methods:
         if m not in METHODS:
-            fail(f"train.methods: unknown method {m!r}; choose among {', '.join(METHODS)}")
+            fail(f"train.methods: unknown method {quote(m)}; choose among {', '.join(METHODS)}")
     if len(set(methods)) != len(methods):
-        fail(f"train.methods lists a method twice: {methods}")
+        fail(f"train.methods lists a method twice: {quote(methods)}")
     for m, lr in recipe.train.method_lr.items():
         if m not in methods:
-            fail(f"train.method_lr.{m}: {m!r} is not in train.methods {methods}")
-        if lr <= 0:
-            fail(f"train.method_lr.{m} must be > 0, got {lr}")
+            fail(f"train.method_lr.{m}: {quote(m)} is not in train.methods {quote(methods)}")
+        if not (0 < lr < float("inf")):  # also refuses NaN
+            fail(f"train.method_lr.{m} must be a finite number > 0, got {lr}")
     for m in recipe.export.methods:
         if m not in methods:
-            fail(f"export.methods: {m!r} is not in train.methods {methods}")
+            fail(f"export.methods: {quote(m)} is not in train.methods {quote(methods)}")
     e = recipe.eval
-    if e.seqlen < 2 or e.batch_size < 1:
-        fail(f"eval: seqlen must be >= 2 and batch_size >= 1, got {e.seqlen}, {e.batch_size}")
-    if e.max_tokens is not None and e.max_tokens < e.seqlen:
-        fail(f"eval.max_tokens ({e.max_tokens}) is smaller than one window (eval.seqlen={e.seqlen})")
+    check_eval(e)
     if not check_paths:
         return
     tasks = expand_tasks(e.zero_shot_tasks)
     if tasks and importlib.util.find_spec("lm_eval") is None:
-        fail(f"eval.zero_shot_tasks {tasks} needs lm-eval: pip install 'spp-peft[eval]' (or pip install lm-eval)")
+        fail(f"eval.zero_shot_tasks {quote(tasks)} needs lm-eval: pip install 'spp-peft[eval]' (or pip install lm-eval)")
     check_model(recipe.model.name_or_path)
     if p.method not in ("none", "magnitude"):
         check_source(p.calibration, "pruning.calibration", "text")
     check_source(recipe.data.source, "data.source", "text" if recipe.data.format == "text" else "records")
     for name, source in e.datasets.items():
         check_source(source, f"eval.datasets.{name}", "text")
+
+
+def check_pruning(p) -> None:
+    """A ``pruning:`` section (also ``spp-peft prune``'s flags) that :class:`PruningConfig` accepts."""
+    from spp_peft.pruning import PruningConfig
+
+    if p.method == "none":
+        return
+    names = {f.name for f in dataclasses.fields(PruningConfig)}
+    try:
+        PruningConfig(**{k: v for k, v in vars(p).items() if k in names})
+    except ValueError as err:
+        raise RecipeError(f"pruning: {err}") from None
+    if p.nsamples < 1 or p.seqlen < 2:
+        raise RecipeError(f"pruning: nsamples must be >= 1 and seqlen >= 2, got {p.nsamples}, {p.seqlen}")
+
+
+def check_eval(e: EvalSection) -> None:
+    """The numbers of an ``eval:`` section (also ``spp-peft eval``'s flags) make at least one window."""
+    if e.seqlen < 2:
+        raise RecipeError(f"eval.seqlen must be >= 2, got {e.seqlen}")
+    if e.batch_size < 1:
+        raise RecipeError(f"eval.batch_size must be >= 1, got {e.batch_size}")
+    if e.max_tokens is not None and e.max_tokens < e.seqlen:
+        raise RecipeError(f"eval.max_tokens ({e.max_tokens}) is smaller than one window (eval.seqlen={e.seqlen})")
+    if e.zero_shot_limit is not None and e.zero_shot_limit < 1:
+        raise RecipeError(f"eval.zero_shot_limit must be >= 1 or null, got {e.zero_shot_limit}")
 
 
 def expand_tasks(tasks: Sequence[str]) -> list[str]:

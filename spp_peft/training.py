@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -127,24 +128,49 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "Show the Trainer's progress bar."})
 
     def validate(self) -> None:
+        # `x > 0` alone lets NaN and inf through, which train silently into an all-NaN adapter.
+        finite = math.isfinite
         checks = [
             (self.r >= 1, f"train.r must be >= 1, got {self.r}"),
-            (self.alpha > 0, f"train.alpha must be > 0, got {self.alpha}"),
+            (finite(self.alpha) and 0 < self.alpha / max(self.r, 1) < _FLOAT32_MAX,
+             f"train.alpha must be a finite number > 0 (alpha / r finite in float32), got {self.alpha}"),
             (0 <= self.dropout < 1, f"train.dropout must be in [0, 1), got {self.dropout}"),
-            (self.lr > 0, f"train.lr must be > 0, got {self.lr}"),
+            (finite(self.lr) and self.lr > 0, f"train.lr must be a finite number > 0, got {self.lr}"),
+            (finite(self.epochs), f"train.epochs must be finite, got {self.epochs}"),
             (self.max_steps > 0 or self.epochs > 0, "train: set max_steps > 0 or epochs > 0"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
-            (self.warmup >= 0, f"train.warmup must be >= 0, got {self.warmup}"),
+            (finite(self.warmup) and self.warmup >= 0, f"train.warmup must be a finite number >= 0, got {self.warmup}"),
             (bool(self.target_modules), "train.target_modules must name at least one module"),
             (self.logging_steps >= 1 and self.save_steps >= 0, "train.logging_steps >= 1 and save_steps >= 0"),
+            (finite(self.weight_decay) and self.weight_decay >= 0,
+             f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}"),
+            (finite(self.max_grad_norm) and self.max_grad_norm >= 0,
+             f"train.max_grad_norm must be a finite number >= 0, got {self.max_grad_norm}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        _check_choice("train.optim", self.optim, "transformers.training_args", "OptimizerNames")
+        _check_choice("train.lr_scheduler", self.lr_scheduler, "transformers.trainer_utils", "SchedulerType")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_choice(key: str, value: str, module: str, enum: str) -> None:
+    """``value`` must be a member of the transformers enum that ``TrainingArguments`` checks it against
+    (checked here, before any work, rather than when the Trainer is built after pruning)."""
+    import importlib
+
+    choices = [member.value for member in getattr(importlib.import_module(module), enum)]
+    if value not in choices:
+        from spp_peft.errors import quote
+
+        raise ValueError(f"{key}: unknown value {quote(value)}; choose one of {', '.join(choices)}")
 
 
 def check_method(method: str) -> str:
@@ -470,7 +496,7 @@ def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_descripti
         args=args,
         train_dataset=dataset,
         data_collator=PadCollator(_pad_id(tokenizer)),
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), _divergence_guard()],
     )
     resume = _prepare_checkpoints(ckpt_dir, _run_identity(method, cfg, lr, dataset, data_description), cfg.resume)
     if resume:
@@ -491,11 +517,45 @@ def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_descripti
         steps, history = int(trainer.state.global_step), [dict(e) for e in trainer.state.log_history]
     seconds = time.perf_counter() - start
     model.eval()
+    _check_finite(model, method, lr, steps)
     tokens = _tokens_seen(dataset, steps * cfg.batch_size * cfg.grad_accum)
     result = TrainResult(method, model, None, history, steps, seconds, tokens, lr, len(dataset), resume)
     result.adapter_dir = str(save_adapter(model, out / "adapter", method, cfg, lr, result, data_description))
     atomic_write_file(out / "train_log.json", json.dumps(history, indent=1) + "\n")
     return result
+
+
+def _non_finite_param(model: nn.Module) -> Optional[str]:
+    """The first trainable parameter holding NaN or inf, or ``None``."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+            return name
+    return None
+
+
+def _divergence_guard():
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        """Stop at the first step that leaves a non-finite trainable weight: the run is lost, and the rest of
+        the budget would be spent on NaNs (the Trainer's logged loss hides them: logging_nan_inf_filter)."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is not None and _non_finite_param(model) is not None:
+                control.should_training_stop = True
+            return control
+
+    return DivergenceGuard()
+
+
+def _check_finite(model: nn.Module, method: str, lr: float, steps: int) -> None:
+    """Refuse to save trained weights that hold NaN or inf (a diverged run): nothing useful can be merged."""
+    name = _non_finite_param(model)
+    if name is not None:
+        from spp_peft.errors import TrainingDiverged
+
+        raise TrainingDiverged(f"{method}: training produced non-finite adapter weights ({name}) by step {steps} "
+                               f"with lr={lr:g}; nothing was saved: lower the learning rate")
 
 
 #: Settings that do not change what a run computes; a checkpoint may be resumed across changes of these.

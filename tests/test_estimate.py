@@ -166,6 +166,9 @@ def test_spp_needs_less_than_lora_and_full():
     (dict(dtype="int8"), "unknown dtype"),
     (dict(target_modules=["nope"]), "match no linear layer"),
     (dict(r=1000), "r <= out_features"),
+    (dict(chunk_rows=0), "chunk_rows must be a positive integer"),
+    (dict(overhead_gib=-1.0), "overhead_gib must be a finite number >= 0"),
+    (dict(overhead_gib=float("nan")), "overhead_gib must be a finite number >= 0"),
 ])
 def test_invalid_inputs_are_explained(kwargs, message):
     with pytest.raises(ValueError, match=message):

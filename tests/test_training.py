@@ -172,6 +172,16 @@ def _spp_b(model):
     return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "spp_B" in n])
 
 
+def test_diverged_training_stops_early_and_saves_nothing(pruned, dataset, tmp_path):
+    from spp_peft.errors import TrainingDiverged
+
+    base, tokenizer = pruned
+    cfg = T.TrainConfig(**dict(CFG, lr=1e30), max_steps=40)
+    with pytest.raises(TrainingDiverged, match=r"non-finite adapter weights .* by step (\d|1\d) with lr=1e\+30"):
+        T.train(T.prepare_model(copy.deepcopy(base), "spp", cfg), tokenizer, "spp", dataset, cfg, tmp_path)
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_train_saves_adapter_and_resume_equals_uninterrupted(pruned, dataset, tmp_path):
     base, tokenizer = pruned
     cfg = T.TrainConfig(**CFG, max_steps=6, save_steps=2)
@@ -319,3 +329,13 @@ def test_config_validation():
         T.TrainConfig(lr=0).validate()
     with pytest.raises(ValueError, match="format"):
         T.DataConfig(format="sharegpt").validate()
+    # NaN and inf pass `x > 0`; they must not reach the Trainer (an all-NaN adapter would be saved).
+    for bad in (dict(lr=float("inf")), dict(lr=float("nan")), dict(alpha=float("nan")), dict(alpha=1e40),
+                dict(epochs=float("inf"), max_steps=-1), dict(warmup=float("inf")), dict(weight_decay=float("nan"))):
+        with pytest.raises(ValueError, match="finite"):
+            T.TrainConfig(**bad).validate()
+    # What TrainingArguments would refuse only when the Trainer is built (after pruning), refused up front.
+    with pytest.raises(ValueError, match="train.optim: unknown value 'bogus'; choose one of adamw_torch"):
+        T.TrainConfig(optim="bogus").validate()
+    with pytest.raises(ValueError, match="train.lr_scheduler: unknown value 'bogus'; choose one of linear"):
+        T.TrainConfig(lr_scheduler="bogus").validate()
