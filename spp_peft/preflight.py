@@ -42,13 +42,13 @@ def model_skeleton(name_or_path: str) -> nn.Module:
 def check_adapter_targets(model: nn.Module, targets: Sequence[str], key: str, r: Optional[int] = None) -> None:
     """Every target name matches at least one module (PEFT's suffix rule), every match is a linear layer,
     and ``r`` (SPP's row groups) is at most the output features of every match."""
-    from spp_peft.models import _matches_suffix
-    from spp_peft.sparsity import is_linear_like, linear_weights
+    from spp_peft._utils.targets import matches_target
+    from spp_peft.sparsity import in_out_features, is_linear_like, linear_weights
 
     modules = dict(model.named_modules())
     shapes = linear_weights(model)
     for target in targets:
-        matched = [name for name in modules if name and _matches_suffix(name, target)]
+        matched = [name for name in modules if name and matches_target(name, [target])]
         if not matched:
             _fail(f"{key}: {quote(target)} matches no module of the model; linear layers are e.g. "
                   f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in shapes})[:8])}")
@@ -56,8 +56,7 @@ def check_adapter_targets(model: nn.Module, targets: Sequence[str], key: str, r:
             if not is_linear_like(modules[name]):
                 _fail(f"{key}: {quote(target)} matches {name} ({type(modules[name]).__name__}), "
                       "not a linear layer")
-            weight, fan_in_fan_out = shapes[name]
-            out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+            out_features = in_out_features(modules[name])[1]
             if r is not None and r > out_features:
                 _fail(f"train.r={r} is larger than the {out_features} output features of {name} "
                       "(SPP needs 1 <= r <= out_features); lower train.r or leave that module out")

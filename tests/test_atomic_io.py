@@ -562,7 +562,7 @@ def test_run_with_an_empty_output_dir_writes_nothing(tiny_dir, tmp_path, monkeyp
     recipe = _recipe(tmp_path / "a.yaml", tiny_dir, "out")
     for flags in (["--set", "output_dir="], ["--set", "output_dir=  "], ["--output-dir", ""]):
         assert cli.main(["run", str(recipe), *flags, "-q"]) == 2
-        assert "output_dir is empty" in capsys.readouterr().err
+        assert "output_dir must not be empty" in capsys.readouterr().err
     assert cli.main(["run", str(recipe), "--set", "output_dir=recipe.yaml/run", "-q"]) == 2
     assert "recipe.yaml is a file, not a folder" in capsys.readouterr().err
     assert sorted(p.name for p in work.iterdir()) == ["recipe.yaml"]
