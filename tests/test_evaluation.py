@@ -9,7 +9,7 @@ import torch
 
 from spp_peft.data import builtin_text, token_stream
 from spp_peft.evaluation import perplexity
-from spp_peft.models import byte_tokenizer, tiny_llama
+from spp_peft.testing import byte_tokenizer, tiny_llama
 
 
 def test_perplexity_matches_the_models_own_loss():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spp_peft.models import tiny_llama
+from spp_peft.testing import tiny_llama
 from spp_peft.pruning import PruningConfig, prune
 from spp_peft.pruning.common import num_to_prune
 from spp_peft.pruning.magnitude import magnitude_mask
