@@ -159,7 +159,7 @@ def check_adapter_file(model: nn.Module, path, adapter_name: str, peft_config=No
     if config is None:
         return
     config = SPPModel._prepare_adapter_config(copy.deepcopy(config), getattr(model, "config", None))
-    targets = validate_targets(resolve_targets(model, config), config.r)
+    targets = validate_targets(resolve_targets(model, config), config)
     if state_dict is None:
         state_dict = load_peft_weights(str(path), device="cpu")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
