@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 #: ``{block index: {full name: layer}}``: the layers to prune, grouped by decoder block.
 LayersByBlock = dict[int, dict[str, nn.Module]]
+Device = Optional[Union[str, torch.device]]
 
 
 def _target_layers(model: nn.Module, config: PruningConfig) -> LayersByBlock:
@@ -73,10 +74,10 @@ def _prune_layers(
     records = []
     for name, layer in layers.items():
         start = time.perf_counter()
-        weight = read_weight(layer, device)
-        write_weight(layer, config.pruning_method.prune(weight, stats[name] if stats else None, config))
-        if stats:
-            stats[name] = None  # free the Hessian before the next layer's
+        layer_stats = stats[name] if stats is not None else None
+        write_weight(layer, config.pruning_method.prune(read_weight(layer, device), layer_stats, config))
+        if stats is not None:
+            stats[name] = layer_stats = None  # free the Hessian before the next layer's
         zeros = zero_mask(read_weight(layer))
         records.append(
             LayerPruning(
@@ -91,7 +92,7 @@ def _prune_layers(
 
 
 def _prune_without_calibration(
-    per_block: LayersByBlock, config: PruningConfig, device, show_progress: bool, desc: str
+    per_block: LayersByBlock, config: PruningConfig, device: Device, show_progress: bool, desc: str
 ) -> list[LayerPruning]:
     records: list[LayerPruning] = []
     compute = torch.device(device) if device else None
@@ -105,7 +106,7 @@ def _prune_with_calibration(
     per_block: LayersByBlock,
     config: PruningConfig,
     calibration: torch.Tensor,
-    device,
+    device: Device,
     show_progress: bool,
     desc: str,
 ) -> list[LayerPruning]:
@@ -117,7 +118,10 @@ def _prune_with_calibration(
         if not layers:
             return
         compute = next(block.parameters()).device
-        make = lambda layer: statistics(in_out_features(layer)[0], compute)  # noqa: E731
+
+        def make(layer: nn.Module):
+            return statistics(in_out_features(layer)[0], compute)
+
         # All layers of the block see the dense block's inputs, as in the reference implementations.
         stats = collect_inputs(block, inputs, layers, make, compute)
         records.extend(_prune_layers(layers, config, compute, stats))
@@ -138,7 +142,7 @@ def prune_with_config(
     model: nn.Module,
     config: PruningConfig,
     calibration: Optional[torch.Tensor] = None,
-    device: Optional[Union[str, torch.device]] = None,
+    device: Device = None,
     show_progress: bool = True,
 ) -> PruningResult:
     """Prune ``model`` in place as described by ``config`` (see :func:`prune` for the arguments)."""
@@ -178,7 +182,7 @@ def prune(
     pattern: str = UNSTRUCTURED,
     calibration: Optional[torch.Tensor] = None,
     target_modules: Optional[Union[str, Sequence[str]]] = None,
-    device: Optional[Union[str, torch.device]] = None,
+    device: Device = None,
     comparison: str = "row",
     blocksize: int = 128,
     percdamp: float = 0.01,
