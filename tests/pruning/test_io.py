@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from spp_peft import __version__
-from spp_peft.models import byte_tokenizer, tiny_llama
+from spp_peft.testing import byte_tokenizer, tiny_llama
 from spp_peft.pruning import CONFIG_KEY, prune, pruning_metadata, save_pruned
 
 
