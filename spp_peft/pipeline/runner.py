@@ -182,10 +182,10 @@ def _method_stage(current: _Run, base: _Base, method: str) -> Optional[str]:
                                 sparsity=results.sparsity["pruned"],
                                 verified=Verification(True, len(base.layers), "the pruned model itself")))
         return None
+    from spp_peft.training import merge
+
     peft_model, trained = _train(current, base, method)
     with current.timed(f"merge+verify {method}"):
-        from spp_peft.training import merge
-
         merged = merge(peft_model, method)
         check = Verification.from_dict(verify(base.model, merged, base.layers))
     report = sparsity_report(merged, include=base.layers, expected_pattern=base.pattern).to_dict()
