@@ -244,7 +244,7 @@ def _reference_masks(model, layers):
 
 
 def cmd_merge(args, extra) -> int:
-    from spp_peft.pipeline import expected_pattern, export_merged, pruned_layers, verify
+    from spp_peft.export import expected_pattern, export_merged, pruned_layers, verify
     from spp_peft.sparsity import SparsityViolation
     from spp_peft.training import load_trained, merge
 
@@ -280,7 +280,8 @@ def _parse_datasets(items: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_eval(args, extra) -> int:
-    from spp_peft.pipeline import evaluate, eval_sets, pruned_layers, zero_shot
+    from spp_peft.export import pruned_layers
+    from spp_peft.pipeline import evaluate, eval_sets, zero_shot
     from spp_peft.recipe import EvalSection, check_eval
     from spp_peft.sparsity import sparsity_report
 

@@ -544,7 +544,7 @@ def test_run_refuses_a_folder_holding_another_run(tiny_dir, tmp_path, monkeypatc
     # --overwrite replaces the previous run as a whole (no old adapter beside a new base), not other files.
     (out / "spp" / "adapter").mkdir(parents=True)
     (out / "notes.txt").write_text("the user's notes")
-    with P._claim(load_recipe_file(tmp_path / "b.yaml"), overwrite=True):
+    with P.claim_output_dir(load_recipe_file(tmp_path / "b.yaml"), overwrite=True):
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "recipe.yaml"]
     assert load_recipe_file(out / "recipe.yaml").train.lr == 5e-2
     # A folder with other files and no recipe.yaml is someone's else's: refused.
