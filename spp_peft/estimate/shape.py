@@ -175,5 +175,9 @@ def target_shapes(shape: ModelShape, target_modules: Optional[Union[Sequence[str
     found = [[size for name, size in block.items() if matches_target(f"{prefix}{index}.{name}", target_modules)]
              for index, block in enumerate(shape.block_linears)]
     if not any(found):
-        raise ValueError(f"target_modules {target_modules!r} match no linear layer of the decoder blocks")
+        example = next((f"{prefix}{index}.{name}" for index, block in enumerate(shape.block_linears)
+                        for name in block), "none")
+        raise ValueError(f"target_modules {target_modules!r} match no linear layer of the decoder blocks "
+                         f"(a list names modules or their dotted suffixes, a string is a regex over whole names "
+                         f"such as {example!r})")
     return found
