@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .text import split_topics
+from .text import hub_dataset_id, split_topics
 
 #: What the training data look like: plain text for language modelling, or instruction records rendered
 #: with the Alpaca prompt template or the tokenizer's chat template.
@@ -61,33 +61,33 @@ def load_records(source: Union[str, os.PathLike, Sequence[dict]], max_samples: O
         elif name == "builtin:instructions:heldout":
             records = builtin_instructions("heldout")
         else:
-            from datasets import load_dataset
-
-            path = Path(name).expanduser()
-            if path.is_dir():
-                raise ValueError(f"load_records: {name!r} is a folder; pass a .json or .jsonl file")
-            if path.is_file():
-                if path.suffix.lower() not in (".json", ".jsonl"):
-                    raise ValueError(f"{path}: instruction data must be a .json or .jsonl file of records")
-                dataset = load_dataset("json", data_files=str(path), split="train")
-            elif path.suffix.lower() in (".json", ".jsonl") or name.startswith(("/", ".", "~")):
-                raise FileNotFoundError(f"load_records: file {name!r} does not exist")
-            else:
-                parts = name.split(":")
-                try:
-                    dataset = load_dataset(
-                        parts[0], (parts[1] or None) if len(parts) > 1 else None,
-                        split=(parts[2] or "train") if len(parts) > 2 else "train",
-                    )
-                except Exception as err:  # network errors, missing datasets: one clear message
-                    raise RuntimeError(
-                        f"could not load hub dataset {name!r}: {err}. Offline, use 'builtin:instructions' "
-                        "or a local .json/.jsonl file."
-                    ) from err
-            records = [dict(r) for r in dataset]
+            records = [dict(r) for r in _load_record_dataset(name)]
     if max_samples is not None:
         records = records[: max(0, int(max_samples))]
     return records
+
+
+def _load_record_dataset(name: str):
+    """The ``datasets`` dataset of a local ``.json`` / ``.jsonl`` file or of a hub id."""
+    from datasets import load_dataset
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise ValueError(f"load_records: {name!r} is a folder; pass a .json or .jsonl file")
+    if path.is_file():
+        if path.suffix.lower() not in (".json", ".jsonl"):
+            raise ValueError(f"{path}: instruction data must be a .json or .jsonl file of records")
+        return load_dataset("json", data_files=str(path), split="train")
+    if path.suffix.lower() in (".json", ".jsonl") or name.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"load_records: file {name!r} does not exist")
+    hub_name, config, split = hub_dataset_id(name)
+    try:
+        return load_dataset(hub_name, config, split=split)
+    except Exception as err:  # network errors, missing datasets: one clear message
+        raise RuntimeError(
+            f"could not load hub dataset {name!r}: {err}. Offline, use 'builtin:instructions' "
+            "or a local .json/.jsonl file."
+        ) from err
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:

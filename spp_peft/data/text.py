@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sysconfig
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -124,15 +124,20 @@ def _load_local_file(path: Path, text_field: str) -> list[str]:
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use .txt, .json or .jsonl")
 
 
+def hub_dataset_id(source: str) -> tuple[str, Optional[str], str]:
+    """``(name, config, split)`` of a hub dataset source ``"name[:config][:split]"`` (split ``train`` by default)."""
+    parts = source.split(":")
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return parts[0], config, split
+
+
 def _load_hub(source: str, text_field: str) -> list[str]:
     from datasets import load_dataset
 
-    parts = source.split(":")
-    if len(parts) > 3:
+    if source.count(":") > 2:
         raise ValueError(f"hub dataset must look like 'name[:config][:split]', got {source!r}")
-    name = parts[0]
-    config = parts[1] if len(parts) > 1 and parts[1] else None
-    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    name, config, split = hub_dataset_id(source)
     try:
         dataset = load_dataset(name, config, split=split)
     except Exception as err:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ...)
