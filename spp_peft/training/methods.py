@@ -53,7 +53,7 @@ def prepare_model(model: nn.Module, method: str, cfg: TrainConfig) -> nn.Module:
     cfg.validate()
     if method == "none":
         return model
-    import spp_peft  # noqa: F401  (registers SPP with PEFT and installs the model-card hook)
+    # Importing peft registers SPP with it and installs the model-card hook (spp_peft/__init__.py).
     from peft import get_peft_model
 
     torch.manual_seed(cfg.seed)
