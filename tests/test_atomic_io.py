@@ -322,7 +322,7 @@ def test_full_disk_during_adapter_save_keeps_the_old_adapter(tmp_path, monkeypat
     cfg = T.TrainConfig(r=4)
     folder = T.save_adapter(peft_model, tmp_path / "adapter", "spp", cfg, 1.0)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    monkeypatch.setattr(T, "_append_card", lambda path, *a: _disk_full_after(100)(path.parent))
+    monkeypatch.setattr("spp_peft.hub.write_training_card", lambda path, *a: _disk_full_after(100)(path.parent))
     with pytest.raises(OSError):
         T.save_adapter(peft_model, folder, "spp", cfg, 2.0)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
