@@ -250,12 +250,17 @@ class SPPLinearFunction(torch.autograd.Function):
     Inputs after the fixed arguments are the flattened ``A_1, B_1, A_2, B_2, ...`` of the active adapters,
     so autograd sees them as leaves. ``weight`` is frozen (no gradient is computed for it) and may have a
     different dtype than ``x`` (it is cast inside the fused build, so no cast copy is saved); ``bias`` gets
-    its gradient when it requires one.
+    its gradient when it requires one. ``weight`` may also be a function returning the weight (a quantized
+    base dequantizes on demand): it is then called in forward and again in backward, so no dequantized copy
+    stays alive between the two, as bitsandbytes' own 4-bit matmul does.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, fan_in_fan_out, include_base, scales, chunk_rows, *tensors):
         factors = [AdapterFactors(tensors[2 * i], tensors[2 * i + 1], s) for i, s in enumerate(scales)]
+        ctx.weight_fn = weight if callable(weight) else None
+        if ctx.weight_fn is not None:
+            weight = ctx.weight_fn()
         w = weight.T if fan_in_fan_out else weight
         m, n = w.shape
         blocks = _row_blocks(m, chunk_rows)
@@ -272,7 +277,8 @@ class SPPLinearFunction(torch.autograd.Function):
                 y2 += bias
             y = y2.view(*x.shape[:-1], m)
         del buf
-        ctx.save_for_backward(x, weight, *tensors)
+        # A dequantized weight is rebuilt in backward rather than saved (an empty placeholder keeps the layout).
+        ctx.save_for_backward(x, weight if ctx.weight_fn is None else x.new_empty(0), *tensors)
         ctx.fan_in_fan_out, ctx.include_base, ctx.scales, ctx.chunk_rows = (
             fan_in_fan_out,
             include_base,
@@ -284,6 +290,8 @@ class SPPLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, *tensors = ctx.saved_tensors
+        if ctx.weight_fn is not None:
+            weight = ctx.weight_fn()
         factors = [AdapterFactors(tensors[2 * i], tensors[2 * i + 1], s) for i, s in enumerate(ctx.scales)]
         w = weight.T if ctx.fan_in_fan_out else weight
         m, n = w.shape
@@ -336,7 +344,8 @@ def spp_linear(
     Args:
         x: input ``(..., n)``.
         weight: the frozen base weight, ``(m, n)`` or ``(n, m)`` when ``fan_in_fan_out``; any floating dtype
-            (it is cast to ``x``'s dtype inside the fused build of ``W'``, never copied as a whole).
+            (it is cast to ``x``'s dtype inside the fused build of ``W'``, never copied as a whole); or a
+            function returning it (quantized bases: dequantized in forward and again in backward).
         bias: the frozen base bias or ``None`` (ignored when ``include_base`` is False).
         factors: the active adapters' ``A``, ``B`` and scale.
         fan_in_fan_out: the weight is stored ``(in, out)`` (GPT-2's ``Conv1D``).
@@ -355,6 +364,7 @@ def spp_linear(
         flat += [f.A, f.B]
     if not torch.is_grad_enabled() or not (x.requires_grad or any(t.requires_grad for t in flat)):
         # Inference: nothing to save, one effective weight, one matmul.
+        weight = weight() if callable(weight) else weight
         w = weight.T if fan_in_fan_out else weight
         return F.linear(x, effective_weight(w, factors, include_base, dtype=x.dtype), bias)
     scales = tuple(float(f.scale) for f in factors)

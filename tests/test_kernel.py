@@ -380,3 +380,38 @@ def test_layer_without_dropout_and_in_eval_uses_the_single_matmul_kernel():
 
 def test_function_is_the_public_autograd_function():
     assert issubclass(SPPLinearFunction, torch.autograd.Function)
+
+
+def test_weight_given_as_a_function_is_rebuilt_in_backward_not_saved():
+    """Quantized bases pass a dequantizing function: same outputs and gradients, called in forward and in
+    backward, and no weight-sized tensor kept between the two."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 16)
+    weight[:, ::2] = 0
+    A = torch.randn(4, 16, requires_grad=True)
+    B = torch.randn(24, requires_grad=True)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    calls = []
+
+    def dequantize():
+        calls.append(1)
+        return weight.clone()  # a fresh temporary each time, as a dequantization would be
+
+    grads = []
+    saved_sizes = []
+    for w in (weight, dequantize):
+        for t in (A, B, x):
+            t.grad = None
+
+        def pack(t):
+            saved_sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = spp_linear(x, w, None, [AdapterFactors(A, B, 0.5)])
+        y.square().sum().backward()
+        grads.append((y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()))
+    assert len(calls) == 2
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert weight.numel() not in saved_sizes[len(saved_sizes) // 2:]  # the function's run saved no weight
