@@ -22,6 +22,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
 
+from .bnb import dequantized_weight
 from ..sparsity import (
     MaskRecord,
     SparsityViolation,
@@ -134,7 +135,7 @@ def check_base_masks(config, targets: Mapping[str, nn.Module], adapter_name: str
             )
         recorded = _record(name, records[name])
         base = base_of(module)
-        actual = describe_mask(base.weight, fan_in_fan_out=is_fan_in_fan_out(base))
+        actual = describe_mask(dequantized_weight(base), fan_in_fan_out=is_fan_in_fan_out(base))
         if actual.fingerprint != recorded.fingerprint:
             raise SparsityViolation(
                 f"SPP adapter '{adapter_name}' does not match this base model's zero masks: module '{name}': the "

@@ -60,8 +60,11 @@ class SPPConfig(PeftConfig):
         modules_to_save: extra modules trained in full and saved with the adapter.
         init_weights: True (reference init: Kaiming-uniform ``spp_A``, zero ``spp_B``, so training starts
             exactly at the pruned model); False gives ``spp_B`` a random init too (testing only).
-        sparsity_check: "strict" (default), "warn" or "off": what to do when a merge or unmerge changes a
-            zero set (a filled zero is always an error unless "off").
+        sparsity_check: "strict", "warn" or "off": what to do when a merge or unmerge changes a zero set (a
+            filled zero is always an error unless "off"; "strict" also refuses new zeros). Default (None):
+            "strict" on full-precision bases; "warn" on quantized (bitsandbytes) bases, where requantizing
+            ``W * (1 + D)`` rounds some small weights to 0: those are counted per layer
+            (``merge_report``) and warned about, an error only with an explicit "strict".
         verify_base_masks: accepted for old ``adapter_config.json`` files and ignored there: whether a loaded
             adapter is checked against its base is the loading person's choice, never the file's
             (``spp_peft.load_adapter(model, path, verify_base_masks=False)``). Set on a config you build
@@ -116,9 +119,10 @@ class SPPConfig(PeftConfig):
             "spp_B too (for tests)."
         },
     )
-    sparsity_check: Literal["strict", "warn", "off"] = field(
-        default="strict",
-        metadata={"help": "After merge/unmerge: 'strict' raises on any zero-set change, 'warn' warns on new zeros."},
+    sparsity_check: Optional[Literal["strict", "warn", "off"]] = field(
+        default=None,
+        metadata={"help": "After merge/unmerge: 'strict' raises on any zero-set change, 'warn' warns on new zeros; "
+                          "default: strict, warn on quantized bases."},
     )
     base_masks: Optional[dict] = field(
         default=None,
@@ -175,7 +179,7 @@ class SPPConfig(PeftConfig):
             raise ValueError(f"SPPConfig.spp_dropout must be in [0, 1), got {self.spp_dropout!r}")
         if self.bias not in ("none", "all", "spp_only"):
             raise ValueError(f"SPPConfig.bias must be 'none', 'all' or 'spp_only', got {self.bias!r}")
-        if self.sparsity_check not in CHECK_MODES:
+        if self.sparsity_check is not None and self.sparsity_check not in CHECK_MODES:
             raise ValueError(f"SPPConfig.sparsity_check must be one of {CHECK_MODES}, got {self.sparsity_check!r}")
         if self.chunk_rows is not None and (not isinstance(self.chunk_rows, int) or self.chunk_rows < 1):
             raise ValueError(f"SPPConfig.chunk_rows must be a positive integer or None, got {self.chunk_rows!r}")

@@ -121,9 +121,27 @@ class SPPLayer(BaseTunerLayer):
         """The row group of each output row for ``adapter_name`` (see :func:`spp_peft.kernel.group_index`)."""
         return group_index(self.out_features, self.r[adapter_name])
 
+    # ----------------------------------------------- reading and writing the base (quantized bases override)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The base weight as a dense tensor in its stored layout (a quantized base dequantizes)."""
+        return self.get_base_layer().weight
+
+    def _store(self, dense: torch.Tensor):
+        """What writing ``dense`` would put into the base (a quantized base requantizes); writes nothing."""
+        return dense
+
+    def _stored_dense(self, stored) -> torch.Tensor:
+        """What the base would read back after storing ``stored``: the weight the zero-set check compares."""
+        return stored
+
+    def _write(self, stored) -> None:
+        with torch.no_grad():
+            self.get_base_layer().weight.copy_(stored)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``W * D`` for one adapter, in the base layer's layout and dtype (``W' = W + delta``)."""
-        weight = self.get_base_layer().weight
+        weight = self._dense_weight()
         w = as_out_in(weight, self.fan_in_fan_out)
         with torch.no_grad():
             delta = effective_weight(w, self.factors([adapter_name]), include_base=False, dtype=torch.float32)
@@ -168,7 +186,7 @@ class SPPLayer(BaseTunerLayer):
         into the base since then (a loader, user code), the adapter no longer matches it."""
         if self.mask_record is None or self.merged:
             return
-        weight = as_out_in(self.get_base_layer().weight.detach(), self.fan_in_fan_out)
+        weight = as_out_in(self._dense_weight().detach(), self.fan_in_fan_out)
         if mask_fingerprint(zero_mask(weight)) != self.mask_record.fingerprint:
             actual = describe_mask(weight)
             raise SparsityViolation(
@@ -177,9 +195,11 @@ class SPPLayer(BaseTunerLayer):
                 "is unchanged"
             )
 
-    def _checked(self, new_weight: torch.Tensor, action: str, safe: bool, adapters: list[str], emit: bool) -> None:
-        """Raise if writing ``new_weight`` would break the finiteness (``safe``) or zero-set policy. ``adapters``
-        are those whose factors produced it. Nothing is written here."""
+    def _checked(self, new_weight: torch.Tensor, action: str, safe: bool, adapters: list[str], emit: bool):
+        """What to write for ``new_weight`` (see :meth:`_store`), after the finiteness (``safe``) and zero-set
+        checks of what the base would then hold. ``adapters`` produced it. Nothing is written here."""
+        stored = self._store(new_weight)
+        new_weight = self._stored_dense(stored)
         if safe and not torch.isfinite(new_weight).all():
             raise ValueError(
                 f"{action} of module '{self.spp_module_name}' produced non-finite weights; the model is unchanged. "
@@ -187,10 +207,13 @@ class SPPLayer(BaseTunerLayer):
             )
         mode = self._check_mode(adapters)
         if mode != "off":
-            change = zero_set_change(self.get_base_layer().weight.detach(), new_weight, self._factor_is_finite(adapters))
+            before = self._dense_weight().detach()
+            change = zero_set_change(before, new_weight, self._factor_is_finite(adapters) and stored is new_weight)
+            self.last_zero_set_change = change
             message = enforce_zero_set(self.spp_module_name, change, mode, action)
             if message and emit:
                 warnings.warn(message)
+        return stored
 
     def _planned_merge(self, safe_merge: bool, adapter_names: Optional[list[str]], emit: bool):
         """``(adapters to merge, merged weight)`` after every check, or ``([], None)`` when nothing is to merge."""
@@ -200,22 +223,20 @@ class SPPLayer(BaseTunerLayer):
             return [], None
         self.verify_base_mask()
         merged = [a for a in self.merged_adapters if a in self.spp_A]
-        weight, _ = self._reweighted(self.get_base_layer().weight, merged, merged + to_merge)
-        self._checked(weight, "merge", safe_merge, merged + to_merge, emit)
-        return to_merge, weight
+        weight, _ = self._reweighted(self._dense_weight(), merged, merged + to_merge)
+        return to_merge, self._checked(weight, "merge", safe_merge, merged + to_merge, emit)
 
     def _planned_unmerge(self, emit: bool) -> Optional[torch.Tensor]:
         merged = [a for a in self.merged_adapters if a in self.spp_A]
         if not merged:
             return None
-        weight, lost = self._reweighted(self.get_base_layer().weight, merged, [])
+        weight, lost = self._reweighted(self._dense_weight(), merged, [])
         if lost and emit:
             warnings.warn(
                 f"unmerge of module '{self.spp_module_name}': {lost} weight(s) had a merged factor of exactly 0 "
                 f"and cannot be restored; they stay 0."
             )
-        self._checked(weight, "unmerge", False, merged, emit)
-        return weight
+        return self._checked(weight, "unmerge", False, merged, emit)
 
     def check_merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Raise exactly as :meth:`merge` would, without writing anything (lets a model merge all-or-nothing)."""
@@ -235,11 +256,10 @@ class SPPLayer(BaseTunerLayer):
             safe_merge: refuse if the merged weight is not finite.
             adapter_names: adapters to merge; default: the active ones.
         """
-        to_merge, weight = self._planned_merge(safe_merge, adapter_names, emit=True)
-        if weight is None:
+        to_merge, stored = self._planned_merge(safe_merge, adapter_names, emit=True)
+        if stored is None:
             return
-        with torch.no_grad():
-            self.get_base_layer().weight.copy_(weight)
+        self._write(stored)
         self.merged_adapters.extend(to_merge)
 
     def unmerge(self) -> None:
@@ -247,15 +267,14 @@ class SPPLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self._planned_unmerge(emit=True)
-        if weight is not None:
-            with torch.no_grad():
-                self.get_base_layer().weight.copy_(weight)
+        stored = self._planned_unmerge(emit=True)
+        if stored is not None:
+            self._write(stored)
         self.merged_adapters = []
 
     def record_mask(self) -> MaskRecord:
         """Describe the base weight's current zero mask (see :func:`spp_peft.sparsity.describe_mask`)."""
-        self.mask_record = describe_mask(self.get_base_layer().weight, self.fan_in_fan_out)
+        self.mask_record = describe_mask(self._dense_weight(), self.fan_in_fan_out)
         return self.mask_record
 
 
@@ -285,21 +304,30 @@ class Linear(nn.Module, SPPLayer):
             return torch.get_autocast_dtype(device_type)
         return self.get_base_layer().weight.dtype
 
+    def _kernel_weight(self, dtype: torch.dtype):
+        """The base weight as the kernel takes it: the parameter (a quantized base: a dequantizing function)."""
+        return self.get_base_layer().weight
+
+    def _base_output(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return nn.functional.linear(x, as_out_in(base.weight, self.fan_in_fan_out).to(x.dtype),
+                                    None if base.bias is None else base.bias.to(x.dtype))
+
     def _spp_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
         dtype = self._compute_dtype(x)
         x = x.to(dtype)
+        weight = self._kernel_weight(dtype)
         # The kernel casts explicitly; autocast would otherwise recast inside the custom Function.
         with torch.autocast(x.device.type, enabled=False):
             uses_dropout = self.training and any(isinstance(self.spp_dropout[a], nn.Dropout) for a in adapters)
             if not uses_dropout:
-                return spp_linear(x, base.weight, base.bias, self.factors(adapters), self.fan_in_fan_out,
+                return spp_linear(x, weight, base.bias, self.factors(adapters), self.fan_in_fan_out,
                                   chunk_rows=self.chunk_rows)
             # Dropout on the adapter branch only: y = x W^T + b + dropout(x) (W * D)^T, one branch per adapter.
-            result = nn.functional.linear(x, as_out_in(base.weight, self.fan_in_fan_out).to(dtype),
-                                          None if base.bias is None else base.bias.to(dtype))
+            result = self._base_output(x)
             for a in adapters:
-                result = result + spp_linear(self.spp_dropout[a](x), base.weight, None, self.factors([a]),
+                result = result + spp_linear(self.spp_dropout[a](x), weight, None, self.factors([a]),
                                              self.fan_in_fan_out, include_base=False, chunk_rows=self.chunk_rows)
             return result
 

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
-import torch
 from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner
@@ -31,6 +30,7 @@ from .checks import (
     validate_targets,
 )
 from .config import SPP_TARGET_MODULES_MAPPING, SPPConfig
+from .bnb import QuantizedLinear, quantized_kind
 from .layer import Linear, SPPLayer
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class SPPModel(BaseTuner):
             "spp_dropout": spp_config.spp_dropout,
             "init_weights": spp_config.init_weights,
             "inference_mode": spp_config.inference_mode,
-            "sparsity_check": spp_config.sparsity_check,
+            "sparsity_check": spp_config.sparsity_check or ("warn" if quantized_kind(base_of(target)) else "strict"),
         }
         if isinstance(target, SPPLayer):
             target.update_layer(adapter_name, **kwargs)
@@ -137,6 +137,8 @@ class SPPModel(BaseTuner):
     @staticmethod
     def _create_new_module(spp_config: SPPConfig, adapter_name, target, current_key, **kwargs):
         base = base_of(target)
+        if quantized_kind(base):  # bitsandbytes Linear4bit / Linear8bitLt (QLoRA-style)
+            return QuantizedLinear(target, adapter_name, module_name=current_key, **kwargs)
         if isinstance(base, nn.Linear) and spp_config.fan_in_fan_out:
             warnings.warn(f"'{current_key}' is nn.Linear: fan_in_fan_out=True is ignored for it.")
         return Linear(target, adapter_name, module_name=current_key, **kwargs)
@@ -239,12 +241,26 @@ class SPPModel(BaseTuner):
                                      adapter_names: Optional[list[str]] = None):
         # merge_and_unload replaces each layer right after merging it, so a refusal in layer 14 would leave 13
         # merged and unloaded; checking every layer first makes a refusal leave the model exactly as it was.
+        report = None
         if merge:
             self._check_merge_allowed()
             for layer in self.spp_layers().values():
                 layer.check_merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-                                                    adapter_names=adapter_names)
+            report = self.merge_report()
+        model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                     adapter_names=adapter_names)
+        if report:
+            model.spp_merge_report = report
+        return model
+
+    def merge_report(self) -> dict[str, int]:
+        """``{module: weights that became exact zeros}`` for the last merge checked, where any did (quantized
+        bases round small weights to 0 when requantizing; full-precision merges add none unless a factor is 0)."""
+        return {
+            name: change.new_zeros
+            for name, layer in self.spp_layers().items()
+            if (change := getattr(layer, "last_zero_set_change", None)) is not None and change.new_zeros
+        }
 
     def sparsity_report(self, **kwargs):
         """:func:`spp_peft.sparsity.sparsity_report` of the wrapped model."""
