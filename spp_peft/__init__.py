@@ -24,6 +24,7 @@ _PUBLIC = {
     "assert_same_sparsity": "sparsity",
     "sparsity_report": "sparsity",
     "load_adapter": "hub",
+    "merge_into": "hub",
     "AutoSPPModelForCausalLM": "hub",
 }
 

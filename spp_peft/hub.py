@@ -175,6 +175,16 @@ def load_adapter(
     )
 
 
+def merge_into(model: nn.Module, adapter_path: str, safe_merge: bool = True, **kwargs) -> nn.Module:
+    """Load an SPP adapter onto ``model`` and merge it: the merged plain transformers model, same zeros.
+
+    The usual QLoRA-style deployment: an adapter trained on a 4-bit / 8-bit copy of the pruned model merges
+    into the full-precision pruned model. Its recorded masks are of the dequantized base; the full-precision
+    base is checked by passing it through the same quantizer, so a wrong base is still refused.
+    """
+    return load_adapter(model, adapter_path, **kwargs).merge_and_unload(safe_merge=safe_merge)
+
+
 def _spp_adapter_config(path, peft_config):
     """The SPPConfig of an adapter folder (or the given config) if it is an SPP adapter, else None."""
     from .tuner._registration import spp_peft_type

@@ -131,13 +131,19 @@ class MaskRecord:
     sparsity: float
     pattern: str
     fingerprint: str
+    # Set when the weight was quantized (bitsandbytes settings): the record is of the dequantized weight, and a
+    # full-precision base is checked by passing it through the same quantizer.
+    quantization: Optional[dict] = None
 
     @property
     def is_dense(self) -> bool:
         return self.pattern == "dense"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if record["quantization"] is None:
+            del record["quantization"]
+        return record
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "MaskRecord":
@@ -146,6 +152,7 @@ class MaskRecord:
             sparsity=float(data["sparsity"]),
             pattern=str(data["pattern"]),
             fingerprint=str(data["fingerprint"]),
+            quantization=dict(data["quantization"]) if data.get("quantization") else None,
         )
 
 

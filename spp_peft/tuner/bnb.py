@@ -89,6 +89,31 @@ def quantize_like(module: nn.Module, dense: torch.Tensor):
                              has_fp16_weights=weight.has_fp16_weights).to(weight.device)
 
 
+def quantization_settings(module: nn.Module) -> Optional[dict]:
+    """The bitsandbytes settings a mask record needs to reproduce this layer's quantization, or None."""
+    kind = quantized_kind(module)
+    if kind == "4bit":
+        weight = module.weight
+        return {"kind": "4bit", "quant_type": weight.quant_type, "blocksize": int(weight.blocksize),
+                "compress_statistics": bool(weight.compress_statistics)}
+    return {"kind": "8bit"} if kind == "8bit" else None
+
+
+def through_quantizer(dense: torch.Tensor, settings: dict) -> torch.Tensor:
+    """``dense`` quantized with ``settings`` and dequantized again: what a quantized copy of a full-precision
+    base reads. Deterministic, so an adapter trained on the quantized model can be checked against the
+    full-precision pruned base it came from (the usual QLoRA deployment)."""
+    import bitsandbytes as bnb
+
+    data = dense.detach().to("cpu", torch.float32)
+    if settings["kind"] == "4bit":
+        param = bnb.nn.Params4bit(data, requires_grad=False, quant_type=settings["quant_type"],
+                                  blocksize=settings["blocksize"], compress_statistics=settings["compress_statistics"])
+    else:
+        param = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+    return dequantize_param(param.to("cpu"))
+
+
 class QuantizedLinear(Linear):
     """SPP on a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``: the same adapter, the base read through
     dequantization and written back through requantization."""
@@ -103,6 +128,11 @@ class QuantizedLinear(Linear):
 
     def _dense_weight(self) -> torch.Tensor:
         return dequantized_weight(self.get_base_layer())
+
+    def record_mask(self):
+        record = super().record_mask()
+        record.quantization = quantization_settings(self.get_base_layer())
+        return record
 
     def _store(self, dense: torch.Tensor):
         return quantize_like(self.get_base_layer(), dense)

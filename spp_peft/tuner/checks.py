@@ -22,10 +22,11 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
 
-from .bnb import dequantized_weight
+from .bnb import dequantized_weight, quantized_kind, through_quantizer
 from ..sparsity import (
     MaskRecord,
     SparsityViolation,
+    as_out_in,
     describe_mask,
     in_out_features,
     is_fan_in_fan_out,
@@ -135,7 +136,11 @@ def check_base_masks(config, targets: Mapping[str, nn.Module], adapter_name: str
             )
         recorded = _record(name, records[name])
         base = base_of(module)
-        actual = describe_mask(dequantized_weight(base), fan_in_fan_out=is_fan_in_fan_out(base))
+        dense = dequantized_weight(base)
+        if recorded.quantization and quantized_kind(base) is None:
+            dense = through_quantizer(as_out_in(dense, is_fan_in_fan_out(base)), recorded.quantization)
+            dense = as_out_in(dense, is_fan_in_fan_out(base))
+        actual = describe_mask(dense, fan_in_fan_out=is_fan_in_fan_out(base))
         if actual.fingerprint != recorded.fingerprint:
             raise SparsityViolation(
                 f"SPP adapter '{adapter_name}' does not match this base model's zero masks: module '{name}': the "

@@ -113,3 +113,25 @@ def test_adapter_trained_on_a_4bit_base_saves_and_loads(tmp_path):
     loaded = PeftModel.from_pretrained(quantized_base(tmp_path, "nf4-fp32"), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_adapter_trained_on_4bit_merges_into_the_full_precision_pruned_base(tmp_path):
+    """The QLoRA deployment: train on the 4-bit copy, merge into the full-precision pruned model."""
+    from transformers import AutoModelForCausalLM
+
+    import spp_peft
+    from spp_peft import SparsityViolation
+    from spp_peft.sparsity import assert_same_sparsity
+
+    model = get_peft_model(quantized_base(tmp_path, "nf4-fp32"), SPPConfig(target_modules=MODEL_TARGETS["llama"], r=4))
+    _train(model, steps=3)
+    model.save_pretrained(tmp_path / "adapter")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    merged = spp_peft.merge_into(full, str(tmp_path / "adapter"))
+    assert_same_sparsity(reference, merged)  # exactly the full-precision base's zeros
+    q = merged.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q, reference.model.layers[0].self_attn.q_proj.weight)  # the adapter is in
+    other = prune_model_(build("llama"), "llama", "4:8")
+    with pytest.raises(SparsityViolation, match="q_proj"):
+        spp_peft.merge_into(other, str(tmp_path / "adapter"))
