@@ -12,11 +12,12 @@ import pytest
 import yaml
 
 from spp_peft import cli
-from spp_peft.recipe import QUICKSTART_YAML, RecipeError, load_recipe
+from spp_peft.recipe import RecipeError, load_recipe, quickstart_yaml
 
-from ._pipeline_fixtures import one_thread, save_dense, all_threads  # noqa: F401 (one_thread: autouse fixture)
+from ._recipes import tiny_recipe
+from .._pipeline_fixtures import one_thread, save_dense, all_threads  # noqa: F401 (one_thread: autouse fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +101,7 @@ def test_inspect_adapter(chain, capsys):
 
 
 def _write_recipe(path: Path, tiny_dir, out, **changes) -> Path:
-    data = {
-        "name": "cli",
-        "output_dir": str(out),
-        "model": {"name_or_path": str(tiny_dir)},
-        "pruning": {"method": "magnitude", "pattern": "2:4"},
-        "data": {"cutoff_len": 32, "max_samples": 8},
-        "train": {"methods": ["spp"], "max_steps": 1, "batch_size": 2, "r": 4, "progress": False},
-        "eval": {"seqlen": 32, "max_tokens": 128, "datasets": {"heldout": "builtin:heldout"}},
-        "report": {"plots": False},
-    }
-    for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        data[section][key] = value
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return tiny_recipe(path, tiny_dir, out, **changes)
 
 
 def test_run_recipe_with_overrides(tiny_dir, tmp_path, capsys):
@@ -186,9 +173,12 @@ def test_estimate_delegates(tiny_dir, capsys):
     assert json.loads(capsys.readouterr().out)
 
 
-def test_quickstart_recipe_is_shipped_and_valid(capsys):
-    assert (ROOT / "configs" / "quickstart.yaml").read_text() == QUICKSTART_YAML
-    recipe = load_recipe(QUICKSTART_YAML, check_paths=False)
+def test_quickstart_recipe_is_shipped_once_and_valid(capsys):
+    """One file: the package data that `spp-peft demo` reads; configs/quickstart.yaml links to it."""
+    packaged = ROOT / "spp_peft" / "recipe" / "quickstart.yaml"
+    assert (ROOT / "configs" / "quickstart.yaml").resolve() == packaged.resolve()
+    assert quickstart_yaml() == packaged.read_text()
+    recipe = load_recipe(quickstart_yaml(), check_paths=False)
     assert recipe.pruning.pattern == "2:4" and recipe.train.methods == ["spp", "lora_star"]
     assert cli.main(["demo", "--print-recipe", "--set", "train.max_steps=3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["train"]["max_steps"] == 3
