@@ -148,15 +148,6 @@ def test_missing_recipe_and_model(tmp_path, capsys):
     assert "train.max_steps: expected int" in capsys.readouterr().err
 
 
-def test_yaml_scalars_are_yaml_1_2():
-    recipe = load_recipe("pruning:\n  pattern: 2:4\ntrain:\n  lr: 1e-3\n  resume: false\n", check_paths=False)
-    assert recipe.pruning.pattern == "2:4" and recipe.train.lr == 1e-3 and recipe.train.resume is False
-    with pytest.raises(RecipeError, match="duplicate key 'lr'"):
-        load_recipe("train:\n  lr: 1\n  lr: 2\n", check_paths=False)
-    with pytest.raises(RecipeError, match="train.resume: expected bool"):
-        load_recipe("train:\n  resume: yes\n", check_paths=False)
-
-
 def test_keys_lists_every_section(capsys):
     assert cli.main(["keys"]) == 0
     out = capsys.readouterr().out
@@ -184,28 +175,25 @@ def test_quickstart_recipe_is_shipped_once_and_valid(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["train"]["max_steps"] == 3
 
 
-PAPER_LR = {"7b": 4e-3, "13b": 2e-3, "30b": 4e-3, "65b": 5e-4, "70b": 5e-4}
+@pytest.mark.parametrize("flags, expected", [
+    ([], False), (["--bf16"], True), (["--no-bf16"], False), (["--bf16", "false"], False), (["--bf16", "true"], True),
+])
+def test_bool_fields_are_bare_flags(flags, expected):
+    from spp_peft.training import TrainConfig
+
+    args = cli.build_parser().parse_args(["train", "--model", "m", "--output", "o", *flags])
+    assert cli.dataclass_from_flags(args, TrainConfig, "train").bf16 is expected
 
 
-def test_paper_recipes():
-    import importlib.util
+def test_bool_flag_values_are_checked(capsys):
+    from spp_peft.training import TrainConfig
 
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "configs" / "paper" / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
-    expected = generate.recipes()
-    files = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
-    assert {p.name: p.read_text() for p in files} == expected, "run configs/paper/generate.py"
-    assert len(files) == 7 * 2 * 4
-    for path in files:
-        recipe = load_recipe(str(path), check_paths=False)
-        size = path.stem.split("-")[-3] if path.stem.startswith("llama-2") else path.stem.split("-")[1]
-        assert recipe.train.lr == PAPER_LR[size], path.name
-        assert (recipe.train.r, recipe.train.alpha, recipe.train.epochs) == (16, 32, 3)
-        assert recipe.train.batch_size * recipe.train.grad_accum == 128 and recipe.data.cutoff_len == 512
-        assert recipe.train.warmup == 0.03 and recipe.train.weight_decay == 0.001
-        assert recipe.data.source == "vicgalle/alpaca-gpt4" and recipe.data.format == "alpaca"
-        assert recipe.pruning.method in ("wanda", "sparsegpt")
+    args = cli.build_parser().parse_args(["train", "--model", "m", "--output", "o", "--resume", "maybe"])
+    with pytest.raises(RecipeError, match="train.resume: expected bool"):
+        cli.dataclass_from_flags(args, TrainConfig, "train")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--model", "m", "--output", "o", "--no-resume", "true"])
+    assert "--no-resume takes no value" in capsys.readouterr().err
 
 
 def test_command_line_entry_point(tmp_path):
@@ -216,6 +204,9 @@ def test_command_line_entry_point(tmp_path):
     done = subprocess.run([*command, "keys"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "train.lr" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "spp_peft.cli", "keys"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "train.lr" in done.stdout, done.stderr
 
 
 @pytest.mark.slow
