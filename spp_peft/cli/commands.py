@@ -175,10 +175,8 @@ def _eval_section(args) -> EvalSection:
     datasets = _parse_datasets(args.data) if args.data else EvalSection().datasets
     for name, source in datasets.items():
         check_source(source, f"--data {name}", "text")
-    section = build_dataclass(EvalSection, {
-        "datasets": datasets, "seqlen": args.seqlen, "max_tokens": args.max_tokens, "batch_size": args.batch_size,
-        "zero_shot_tasks": args.tasks or [], "zero_shot_limit": args.limit,
-    }, "eval")
+    section = dataclass_from_flags(args, EvalSection, "eval",
+                                   base={"datasets": datasets, "zero_shot_tasks": args.tasks or []})
     check_eval(section)
     if section.zero_shot_tasks:
         import importlib.util

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from spp_peft.cli.errors import EXIT_CODES_HELP
 from spp_peft.errors import RecipeError, quote
-from spp_peft.recipe import PruningSection, build_dataclass, hints, parse_value, type_name
+from spp_peft.recipe import EvalSection, PruningSection, build_dataclass, hints, parse_value, type_name
 
 #: The flags that show tracebacks; accepted before or after the command.
 DEBUG_FLAGS = ("-v", "--verbose", "--debug")
@@ -163,12 +163,10 @@ def _add_eval(add) -> None:
     p.add_argument("--adapter", help="An adapter to load and merge first.")
     p.add_argument("--data", action="append", metavar="[NAME=]SOURCE",
                    help="Evaluation text (repeatable); default: heldout=builtin:heldout and ood=builtin:ood.")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tasks", nargs="*", help="lm-eval tasks, or 'paper7' (needs lm-eval).")
-    p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task.")
     p.add_argument("--json", action="store_true", help="Print JSON.")
+    add_dataclass_flags(p, EvalSection, "eval", skip=("datasets", "dense", "zero_shot_tasks"),
+                        rename={"zero_shot_limit": "limit"})
     _quiet(p)
 
 
