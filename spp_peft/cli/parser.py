@@ -1,6 +1,7 @@
-"""The ``spp-peft`` argument parser. The flags of ``prune`` and ``train`` are generated from the recipe's
-section dataclasses (one flag per field, help and type from the field), so the recipe keys and the flags
-never drift apart: ``--max-steps`` or ``--max_steps`` is ``train.max_steps``.
+"""The ``spp-peft`` argument parser. The settings flags of ``prune``, ``train`` and ``eval`` are generated
+from the recipe's section dataclasses (one flag per field, help, type and default from the field), so the
+recipe keys and the flags never drift apart: ``--max-steps`` or ``--max_steps`` is ``train.max_steps``, and
+a bool key is a bare flag (``--bf16`` / ``--no-bf16``).
 """
 
 from __future__ import annotations
