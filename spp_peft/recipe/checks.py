@@ -16,6 +16,7 @@ from typing import Sequence
 from spp_peft.errors import RecipeError, quote
 from spp_peft.evaluation import PAPER_TASKS
 from spp_peft.recipe.schema import EvalSection, Recipe
+from spp_peft.recipe.values import section_error
 
 #: Named sets of lm-eval tasks usable in ``eval.zero_shot_tasks``.
 TASK_PRESETS = {"paper7": list(PAPER_TASKS)}
@@ -80,7 +81,7 @@ def validate(recipe: Recipe, check_paths: bool = True) -> None:
         try:
             validator()
         except ValueError as err:
-            raise RecipeError(f"{section}: {err}" if not str(err).startswith(section) else str(err)) from None
+            raise section_error(section, err) from None
     _check_methods(recipe)
     check_eval(recipe.eval)
     if check_paths:

@@ -111,8 +111,14 @@ def build_dataclass(cls, data: Any, where: str = ""):
         kwargs[key] = coerce(value, types_[key], f"{where}.{key}" if where else key)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"{where or 'recipe'}: {err}") from None
+    except (TypeError, ValueError) as err:  # a dataclass checking itself in __post_init__
+        raise section_error(where or "recipe", err) from None
+
+
+def section_error(section: str, err: Exception) -> RecipeError:
+    """``err`` (a section's own refusal) as a RecipeError that names the section once."""
+    message = str(err)
+    return RecipeError(message if message.startswith(section) else f"{section}: {message}")
 
 
 def field_type(key: str):
