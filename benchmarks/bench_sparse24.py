@@ -108,7 +108,7 @@ def build_model(name: str, dtype, device):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     elif name == "tiny":
-        from spp_peft.models import tiny_llama
+        from spp_peft.testing import tiny_llama
 
         model = tiny_llama(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256)
     else:

@@ -23,7 +23,7 @@ def main() -> int:
     from torch.nn.parallel import DistributedDataParallel
 
     from spp_peft import SPPConfig
-    from spp_peft.models import tiny_llama
+    from spp_peft.testing import tiny_llama
     from spp_peft.pruning import prune
     from spp_peft.sparsity import assert_same_sparsity
 

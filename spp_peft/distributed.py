@@ -32,7 +32,6 @@ Nothing here is imported by the tuner; this module imports torch.distributed laz
 from __future__ import annotations
 
 import os
-import socket
 from typing import Optional
 
 import torch
@@ -40,8 +39,6 @@ from torch import nn
 
 __all__ = [
     "init_process_group",
-    "free_port",
-    "torchrun_command",
     "unwrap_model",
     "fsdp2_shard",
     "adapter_state_dict",
@@ -49,30 +46,6 @@ __all__ = [
     "is_main_process",
     "prepare_zero3",
 ]
-
-
-def free_port() -> int:
-    """A TCP port that is free on localhost right now (for ``--master_port`` of a local launch)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def torchrun_command(script: str, nproc: int, script_args=(), python: Optional[str] = None,
-                     port: Optional[int] = None) -> list[str]:
-    """The command line of a single-node ``torchrun`` launch of ``script`` on ``nproc`` processes.
-
-    Uses ``python -m torch.distributed.run`` (the same as ``torchrun``, without relying on the entry point
-    being on PATH) and a fixed rendezvous on localhost with a free port, so concurrent launches don't clash.
-    """
-    import sys
-
-    return [
-        python or sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
-        script, *[str(a) for a in script_args],
-    ]
 
 
 def init_process_group(backend: Optional[str] = None) -> None:

@@ -135,21 +135,40 @@ def zero_shot(
         raise ImportError("zero-shot evaluation needs lm-eval: pip install 'spp-peft[eval]' "
                           f"(or pip install lm-eval); import failed: {err}") from err
     device = torch.device(device) if device is not None else model_device(model)
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    _check_tasks(manager, tasks)
     was_training = model.training
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-        out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
-                              task_manager=TaskManager(include_path=include_path, include_defaults=include_defaults),
-                              log_samples=False,
-                              bootstrap_iters=0)
+        out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager,
+                              log_samples=False, bootstrap_iters=0)
     finally:
         model.train(was_training)
+    return _scores(out["results"], metric)
+
+
+def _check_tasks(manager, tasks: Sequence[str]) -> None:
+    """Unknown task names fail here, naming them, before a model is wrapped (lm-eval only logs them)."""
+    import os
+
+    names = [t for t in tasks if not (isinstance(t, str) and os.path.isfile(t))]
+    known = set(manager.all_tasks)
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown lm-eval task(s): {', '.join(map(repr, unknown[:5]))}; pass a task YAML file, or the folder "
+            "holding your task YAMLs with include_path (--include-path)"
+        )
+
+
+def _scores(results: dict, metric: str) -> dict[str, float]:
+    """``{task: metric}`` keyed by lm-eval's own task names (a task given as a YAML file is reported under the
+    ``task:`` name inside it, not under the path)."""
+    key = f"{metric},none"
     scores = {}
-    for task in tasks:
-        values = out["results"].get(task, {})
-        key = f"{metric},none"
+    for task, values in results.items():
         if key not in values:
-            raise KeyError(f"lm-eval task {task!r} has no metric {metric!r} (it has: {sorted(values)})")
+            raise ValueError(f"lm-eval task {task!r} has no metric {metric!r} (it has: {sorted(values)})")
         scores[task] = float(values[key])
     return scores

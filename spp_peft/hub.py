@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -72,6 +73,63 @@ def _short_names(masks: dict) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name in masks}
 
 
+def replace_section(text: str, heading: str, section: str) -> str:
+    """``text`` (a model card) with the section under ``heading`` replaced by ``section`` (which starts with
+    ``heading``), or ``section`` appended: saving again into the same folder never repeats a section."""
+    if heading not in text:
+        return text.rstrip("\n") + "\n\n" + section + "\n"
+    head, _, tail = text.partition(heading)
+    rest = tail.split("\n## ", 1)
+    return head + section + ("\n\n## " + rest[1] if len(rest) > 1 else "\n")
+
+
+def write_card_section(path, heading: str, section: str) -> None:
+    """Put ``section`` into the model card at ``path`` (see :func:`replace_section`), atomically."""
+    from ._utils import atomic_write_file
+
+    text = Path(path).read_text(encoding="utf-8") if os.path.exists(path) else ""
+    atomic_write_file(path, replace_section(text, heading, section))
+
+
+TRAINING_HEADING = "## Training (spp-peft)"
+_METHOD_TEXT = {
+    "spp": "SPP (sparsity-preserved): merging keeps the base's zeros by construction.",
+    "lora_star": "LoRA* baseline: plain LoRA; the merged weight must be re-masked with the base's zero mask "
+                 "(`spp_peft.training.merge` does it).",
+    "masked_lora": "Masked LoRA (SQFT's SparsePEFT): the update is `s * (B A) * M`; load it with "
+                   "`spp_peft.training.load_trained`, which re-attaches the mask.",
+}
+
+
+def training_card_section(info: dict, adapter_name: str) -> str:
+    """The model card's training section, from the record ``spp_peft.training.save_adapter`` writes next to
+    the adapter (method, lr, train settings, data, result summary)."""
+    from .kernel import scaling
+
+    method, cfg, lr = info["method"], info["train"], info["lr"]
+    lines = [
+        TRAINING_HEADING, "",
+        f"- method: `{method}`. {_METHOD_TEXT.get(method, '')}",
+        f"- r={cfg['r']}, alpha={cfg['alpha']:g} (s={scaling(cfg['alpha'], cfg['r']):g}), "
+        f"targets: {', '.join(cfg['target_modules'])}",
+        f"- lr={lr:g}, scheduler={cfg['lr_scheduler']}, warmup={cfg['warmup']:g}, "
+        f"weight decay={cfg['weight_decay']:g}, batch={cfg['batch_size']}x{cfg['grad_accum']}",
+    ]
+    if info.get("data"):
+        lines.append("- data: " + ", ".join(f"{k}={v}" for k, v in info["data"].items()))
+    summary = info.get("result")
+    if summary is not None:
+        lines.append(f"- {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['seconds']:.0f} s; "
+                     f"loss {summary['first_loss']} -> {summary['final_loss']}")
+    lines.append(f"- load and merge: `spp-peft merge --model BASE --adapter {adapter_name} --output OUT`")
+    return "\n".join(lines)
+
+
+def write_training_card(path, info: dict, adapter_name: str) -> None:
+    """Add (or replace) the training section of the model card at ``path``."""
+    write_card_section(path, TRAINING_HEADING, training_card_section(info, adapter_name))
+
+
 def install_model_card_hook() -> None:
     """Extend ``PeftModel.create_or_update_model_card`` with the SPP section (idempotent)."""
     from peft import PeftModel
@@ -85,18 +143,7 @@ def install_model_card_hook() -> None:
         section = model_card_section(self)
         if section is None:
             return
-        path = os.path.join(output_dir, "README.md")
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        if CARD_HEADING in text:  # replace our previous section, keep the rest
-            head, _, tail = text.partition(CARD_HEADING)
-            rest = tail.split("\n## ", 1)
-            text = head + section + ("\n\n## " + rest[1] if len(rest) > 1 else "\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        from spp_peft._utils import atomic_write_file
-
-        atomic_write_file(path, text)
+        write_card_section(os.path.join(output_dir, "README.md"), CARD_HEADING, section)
 
     create_or_update_model_card._spp_wrapped = True
     create_or_update_model_card.__doc__ = original.__doc__
@@ -159,7 +206,7 @@ def check_adapter_file(model: nn.Module, path, adapter_name: str, peft_config=No
     if config is None:
         return
     config = SPPModel._prepare_adapter_config(copy.deepcopy(config), getattr(model, "config", None))
-    targets = validate_targets(resolve_targets(model, config), config.r)
+    targets = validate_targets(resolve_targets(model, config), config)
     if state_dict is None:
         state_dict = load_peft_weights(str(path), device="cpu")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -1,32 +1,23 @@
 """The run report: ``report.json`` (everything measured), ``report.md`` (tables + plots) and PNG plots.
 
-The input is the results dict the pipeline builds (:func:`spp_peft.pipeline.run`); every function here
-also works on a ``report.json`` read back from disk. Plots need matplotlib (the ``plots`` extra); without
-it the report is written without them and says so.
-
-Results dict (the keys used here; others are kept as they are in ``report.json``)::
-
-    name, model, output_dir, seconds
-    pruning:     {method, pattern, sparsity, seconds, ...}
-    perplexity:  {dataset: {"dense": float, "pruned": float, method: float, ...}}
-    datasets:    {dataset: {"source": str, "tokens": int}}
-    training:    {method: TrainResult.summary() (steps, seconds, lr, losses [[step, loss], ...], ...)}
-    sparsity:    {"dense": report, "pruned": report, method: report}  (SparsityReport.to_dict())
-    verified:    {method: {"ok": bool, "layers": int, "message": str}}
-    export:      {method: path}
-    zero_shot:   {model: {task: accuracy}}
+The input is the :class:`~spp_peft.results.RunResults` the pipeline returns (:func:`spp_peft.pipeline.run`);
+every function here also takes a dict of the same form (:meth:`RunResults.to_dict`), such as a
+``report.json`` read back from disk. Plots need matplotlib (the ``plots`` extra); without it the report is
+written without them and says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from spp_peft._utils import atomic_write_file
+from spp_peft.results import RunResults, as_results
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +33,18 @@ METHOD_LABELS = {
 }
 
 
+#: What the functions below take: the pipeline's results, or the same as a dict (``report.json``).
+Results = Union[RunResults, Mapping[str, Any]]
+
+
 def label(name: str) -> str:
     return METHOD_LABELS.get(name, name)
 
 
-def model_order(results: dict) -> list[str]:
+def model_order(results: Results) -> list[str]:
     """Models that have any perplexity, references first."""
     seen: list[str] = []
-    for table in results.get("perplexity", {}).values():
+    for table in as_results(results).perplexity.values():
         for name in table:
             if name not in seen:
                 seen.append(name)
@@ -57,13 +52,13 @@ def model_order(results: dict) -> list[str]:
     return refs + [m for m in seen if m not in REFERENCE_MODELS]
 
 
-def recovered(results: dict, dataset: str, model: str) -> Optional[float]:
+def recovered(results: Results, dataset: str, model: str) -> Optional[float]:
     """Share of the loss increase caused by pruning that ``model`` won back on ``dataset``.
 
     ``(log ppl_pruned - log ppl_model) / (log ppl_pruned - log ppl_dense)``: 1 = back to dense, 0 = no better
     than the pruned model, negative = worse. ``None`` without dense and pruned numbers.
     """
-    table = results.get("perplexity", {}).get(dataset, {})
+    table = as_results(results).perplexity.get(dataset, {})
     try:
         dense, pruned, value = (math.log(table[k]) for k in ("dense", "pruned", model))
     except (KeyError, ValueError, TypeError):
@@ -84,26 +79,27 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def _sparsity_of(results: dict, model: str) -> Optional[float]:
-    report = results.get("sparsity", {}).get(model)
+def _sparsity_of(results: RunResults, model: str) -> Optional[float]:
+    report = results.sparsity.get(model)
     if not report:
         return None
     return report.get("total_sparsity")
 
 
-def result_rows(results: dict) -> list[dict]:
+def result_rows(results: Results) -> list[dict]:
     """One row per model: perplexity per dataset, recovery, sparsity, verification, training time."""
-    datasets = list(results.get("perplexity", {}))
+    results = as_results(results)
+    datasets = list(results.perplexity)
     rows = []
     for model in model_order(results):
         row = {"model": model, "label": label(model)}
         for ds in datasets:
-            row[f"ppl:{ds}"] = results["perplexity"][ds].get(model)
+            row[f"ppl:{ds}"] = results.perplexity[ds].get(model)
             row[f"recovered:{ds}"] = recovered(results, ds, model) if model not in REFERENCE_MODELS else None
         row["sparsity"] = _sparsity_of(results, model)
-        verified = results.get("verified", {}).get(model)
-        row["verified"] = None if verified is None else bool(verified.get("ok"))
-        training = results.get("training", {}).get(model) or {}
+        verified = results.verified.get(model)
+        row["verified"] = None if verified is None else bool(verified.ok)
+        training = results.training.get(model) or {}
         row["train_seconds"] = training.get("seconds")
         row["resumed"] = bool(training.get("resumed_from"))
         row["lr"] = training.get("lr")
@@ -111,9 +107,10 @@ def result_rows(results: dict) -> list[dict]:
     return rows
 
 
-def format_table(results: dict, markdown: bool = False) -> str:
+def format_table(results: Results, markdown: bool = False) -> str:
     """The result table as plain text (for the console) or Markdown."""
-    datasets = list(results.get("perplexity", {}))
+    results = as_results(results)
+    datasets = list(results.perplexity)
     headers = ["model"] + [f"ppl {ds}" for ds in datasets] + [f"recovered {ds}" for ds in datasets] + [
         "sparsity", "zeros kept", "lr", "train s"]
     body = []
@@ -149,29 +146,26 @@ def _pyplot():
     return plt
 
 
-def plot_losses(results: dict, path: Union[str, os.PathLike]) -> Optional[Path]:
+def plot_losses(results: Results, path: Union[str, os.PathLike]) -> Optional[Path]:
     """Training loss per step, one line per method."""
     plt = _pyplot()
-    curves = {m: t.get("losses") for m, t in results.get("training", {}).items() if t and t.get("losses")}
+    training = as_results(results).training
+    curves = {m: t.get("losses") for m, t in training.items() if t and t.get("losses")}
     if plt is None or not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for method, losses in curves.items():
         steps, values = zip(*losses)
-        lr = results["training"][method].get("lr")
+        lr = training[method].get("lr")
         ax.plot(steps, values, marker="o", markersize=3, label=f"{label(method)} (lr {lr:g})" if lr else label(method))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Training loss (same data and budget for every method)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save_figure(plt, fig, path)
+    return _finish(plt, fig, ax, path, "training loss", "Training loss (same data and budget for every method)")
 
 
-def plot_perplexity(results: dict, path: Union[str, os.PathLike]) -> Optional[Path]:
+def plot_perplexity(results: Results, path: Union[str, os.PathLike]) -> Optional[Path]:
     """Grouped bars: perplexity of every model on every evaluation set."""
     plt = _pyplot()
-    table = results.get("perplexity", {})
+    table = as_results(results).perplexity
     if plt is None or not table:
         return None
     models = model_order(results)
@@ -188,17 +182,14 @@ def plot_perplexity(results: dict, path: Union[str, os.PathLike]) -> Optional[Pa
     ax.set_xticks(range(len(models)))
     ax.set_xticklabels([label(m) for m in models])
     ax.set_ylim(bottom=0)
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("Perplexity")
-    ax.legend(title="evaluation set")
-    ax.grid(axis="y", alpha=0.3)
-    return _save_figure(plt, fig, path)
+    return _finish(plt, fig, ax, path, "perplexity (lower is better)", "Perplexity", grid_axis="y",
+                   legend_title="evaluation set")
 
 
-def plot_sparsity(results: dict, path: Union[str, os.PathLike]) -> Optional[Path]:
+def plot_sparsity(results: Results, path: Union[str, os.PathLike]) -> Optional[Path]:
     """Per-layer sparsity of the pruned base (before) and of every merged model (after)."""
     plt = _pyplot()
-    reports = results.get("sparsity", {})
+    reports = as_results(results).sparsity
     if plt is None or "pruned" not in reports:
         return None
     names = [layer["name"] for layer in reports["pruned"]["layers"]]
@@ -213,15 +204,17 @@ def plot_sparsity(results: dict, path: Union[str, os.PathLike]) -> Optional[Path
         ax.plot(range(len(names)), values, label=f"{label(model)}{' (before)' if model == 'pruned' else ' (after merge)'}",
                 **styles.get(model, {}), **marker)
     ax.set_xlabel("linear layer (model order)")
-    ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1)
-    ax.set_title("Per-layer sparsity before fine-tuning and after merging")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save_figure(plt, fig, path)
+    return _finish(plt, fig, ax, path, "sparsity", "Per-layer sparsity before fine-tuning and after merging")
 
 
-def _save_figure(plt, fig, path: Union[str, os.PathLike]) -> Path:
+def _finish(plt, fig, ax, path: Union[str, os.PathLike], ylabel: str, title: str, grid_axis: str = "both",
+            legend_title: Optional[str] = None) -> Path:
+    """Label, grid and legend shared by every plot, then write the figure."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis=grid_axis, alpha=0.3)
+    ax.legend(title=legend_title)
     fig.tight_layout()
     try:
         # The temporary name has no .png suffix: say the format.
@@ -241,44 +234,24 @@ def _json_default(value):
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def markdown(results: dict, plots: dict[str, str]) -> str:
+def markdown(results: Results, plots: dict[str, str]) -> str:
     """The text of ``report.md``."""
-    lines = [f"# spp-peft run: {results.get('name', 'run')}", ""]
-    pruning = results.get("pruning") or {}
-    if pruning:
-        what = pruning.get("pattern") if pruning.get("pattern") not in (None, "unstructured") else \
-            f"{pruning.get('sparsity', 0):.0%} unstructured"
-        calib = pruning.get("calibration") or {}
-        lines.append(f"- model: `{results.get('model')}`; pruned with **{pruning.get('method')}** ({what})"
-                     + (f", calibration {calib.get('nsamples')} x {calib.get('seqlen')} tokens of "
-                        f"`{calib.get('source')}`" if calib else ""))
-    training = results.get("training") or {}
-    if training:
-        any_t = next(iter(training.values()))
-        budget = results.get("budget") or {}
-        lines.append(f"- fine-tuning budget, identical for every method: {any_t.get('steps')} steps"
-                     + (f" of {budget.get('batch_size')} x {budget.get('seqlen')} tokens" if budget else "")
-                     + f" ({any_t.get('tokens'):,} tokens)")
-    for ds, info in (results.get("datasets") or {}).items():
-        lines.append(f"- evaluation set `{ds}`: `{info.get('source')}`, {info.get('tokens'):,} tokens")
-    if results.get("seconds") is not None:
-        lines.append(f"- total run time: {results['seconds'] / 60:.1f} min")
+    results = as_results(results)
+    lines = [f"# spp-peft run: {results.name or 'run'}", ""] + _summary(results)
     lines += ["", "## Results", "", format_table(results, markdown=True), "",
               "`recovered`: share of the loss increase caused by pruning that fine-tuning won back "
               "(log-perplexity; 100% = dense). `zeros kept`: the merged model's zero set equals the pruned "
               "base's, checked weight by weight.", ""]
-    verified = results.get("verified") or {}
-    if verified:
+    if results.verified:
         lines += ["## Sparsity verification", ""]
-        for method, v in verified.items():
-            lines.append(f"- {label(method)}: {'OK' if v.get('ok') else 'FAILED'}: {v.get('message', '')}")
+        for method, v in results.verified.items():
+            lines.append(f"- {label(method)}: {'OK' if v.ok else 'FAILED'}: {v.message}")
         lines.append("")
-    exports = results.get("export") or {}
-    if exports:
+    if results.export:
         lines += ["## Exported models", ""]
-        lines += [f"- {label(m)}: `{p}`" for m, p in exports.items()]
+        lines += [f"- {label(m)}: `{p}`" for m, p in results.export.items()]
         lines.append("")
-    zero_shot = results.get("zero_shot") or {}
+    zero_shot = results.zero_shot
     if zero_shot:
         tasks = sorted({t for scores in zero_shot.values() for t in scores})
         lines += ["## Zero-shot accuracy (lm-eval)", "", "| model | " + " | ".join(tasks) + " |",
@@ -291,9 +264,9 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
         titles = {"loss": "Training loss", "perplexity": "Perplexity", "sparsity": "Per-layer sparsity"}
         for key, rel in plots.items():
             lines += [f"### {titles.get(key, key)}", "", f"![{key}]({rel})", ""]
-    elif results.get("plots_skipped"):
-        lines += [f"_Plots skipped: {results['plots_skipped']}_", ""]
-    timings = results.get("timings") or {}
+    elif results.plots_skipped:
+        lines += [f"_Plots skipped: {results.plots_skipped}_", ""]
+    timings = results.timings.wall
     if timings:
         lines += ["## Timings", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
@@ -301,7 +274,31 @@ def markdown(results: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict, out_dir: Union[str, os.PathLike], plots: bool = True) -> dict[str, Path]:
+def _summary(results: RunResults) -> list[str]:
+    """The bullet points at the top of ``report.md``: what was pruned, trained and evaluated, and how long."""
+    lines = []
+    pruning = results.pruning or {}
+    if pruning:
+        what = pruning.get("pattern") if pruning.get("pattern") not in (None, "unstructured") else \
+            f"{pruning.get('sparsity', 0):.0%} unstructured"
+        calib = pruning.get("calibration") or {}
+        lines.append(f"- model: `{results.model}`; pruned with **{pruning.get('method')}** ({what})"
+                     + (f", calibration {calib.get('nsamples')} x {calib.get('seqlen')} tokens of "
+                        f"`{calib.get('source')}`" if calib else ""))
+    if results.training:
+        any_t = next(iter(results.training.values()))
+        budget = results.budget
+        lines.append(f"- fine-tuning budget, identical for every method: {any_t.get('steps')} steps"
+                     + (f" of {budget.batch_size} x {budget.seqlen} tokens" if budget else "")
+                     + f" ({any_t.get('tokens'):,} tokens)")
+    for ds, info in results.datasets.items():
+        lines.append(f"- evaluation set `{ds}`: `{info.source}`, {info.tokens:,} tokens")
+    if results.timings.total is not None:
+        lines.append(f"- total run time: {results.timings.total / 60:.1f} min")
+    return lines
+
+
+def write_report(results: Results, out_dir: Union[str, os.PathLike], plots: bool = True) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and (``plots``) ``plots/*.png`` into ``out_dir``.
 
     Returns the paths written, by kind (``json``, ``md``, ``loss``, ``perplexity``, ``sparsity``).
@@ -309,20 +306,21 @@ def write_report(results: dict, out_dir: Union[str, os.PathLike], plots: bool = 
     out = Path(out_dir)
     written: dict[str, Path] = {}
     rel_plots: dict[str, str] = {}
-    results = dict(results)
+    results = as_results(results)
     if plots:
         if _pyplot() is None:
-            results["plots_skipped"] = "matplotlib is not installed (pip install 'spp-peft[plots]')"
+            skipped = "matplotlib is not installed (pip install 'spp-peft[plots]')"
+            results = dataclasses.replace(results, plots_skipped=skipped)
         else:
             for key, fn in (("loss", plot_losses), ("perplexity", plot_perplexity), ("sparsity", plot_sparsity)):
                 path = fn(results, out / "plots" / f"{key}.png")
                 if path is not None:
                     written[key] = path
                     rel_plots[key] = f"plots/{key}.png"
-    results["table"] = result_rows(results)
+    data = {**results.to_dict(), "table": result_rows(results)}
     # One atomic file each (plots, then json, then md): a crash leaves each file whole, old or new.
     written["json"] = atomic_write_file(out / "report.json",
-                                        json.dumps(results, indent=1, default=_json_default) + "\n")
+                                        json.dumps(data, indent=1, default=_json_default) + "\n")
     written["md"] = atomic_write_file(out / "report.md", markdown(results, rel_plots))
     logger.info("report written to %s", written["md"])
     return written

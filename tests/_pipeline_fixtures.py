@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spp_peft.models import byte_tokenizer, tiny_llama
+from spp_peft.testing import byte_tokenizer, tiny_llama
 from spp_peft.pruning import prune, save_pruned
 
 #: torch's intra-op thread count when the tests started (the tiny-model tests use one thread, see below).

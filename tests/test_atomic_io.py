@@ -322,7 +322,7 @@ def test_full_disk_during_adapter_save_keeps_the_old_adapter(tmp_path, monkeypat
     cfg = T.TrainConfig(r=4)
     folder = T.save_adapter(peft_model, tmp_path / "adapter", "spp", cfg, 1.0)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    monkeypatch.setattr(T, "_append_card", lambda path, *a: _disk_full_after(100)(path.parent))
+    monkeypatch.setattr("spp_peft.hub.write_training_card", lambda path, *a: _disk_full_after(100)(path.parent))
     with pytest.raises(OSError):
         T.save_adapter(peft_model, folder, "spp", cfg, 2.0)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -544,7 +544,7 @@ def test_run_refuses_a_folder_holding_another_run(tiny_dir, tmp_path, monkeypatc
     # --overwrite replaces the previous run as a whole (no old adapter beside a new base), not other files.
     (out / "spp" / "adapter").mkdir(parents=True)
     (out / "notes.txt").write_text("the user's notes")
-    with P._claim(load_recipe_file(tmp_path / "b.yaml"), overwrite=True):
+    with P.claim_output_dir(load_recipe_file(tmp_path / "b.yaml"), overwrite=True):
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "recipe.yaml"]
     assert load_recipe_file(out / "recipe.yaml").train.lr == 5e-2
     # A folder with other files and no recipe.yaml is someone's else's: refused.

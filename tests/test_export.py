@@ -30,7 +30,7 @@ def _prune_24(model):
 
 
 def _tiny(hidden=64, intermediate=128, kv_heads=2, seed=0):
-    from spp_peft.models import tiny_llama
+    from spp_peft.testing import tiny_llama
 
     return _prune_24(tiny_llama(hidden_size=hidden, num_layers=2, num_heads=4, num_kv_heads=kv_heads,
                                 intermediate_size=intermediate, seed=seed))
@@ -73,7 +73,7 @@ def test_ineligible_layers_say_why():
 
 
 def test_conv1d_is_reported_not_supported():
-    from spp_peft.models import tiny_gpt2
+    from spp_peft.testing import tiny_gpt2
 
     verdicts = sparse24_eligibility(tiny_gpt2(), backend="cutlass")
     assert verdicts and all(not v.eligible and "Conv1D" in v.reason for v in verdicts)
@@ -146,7 +146,7 @@ def test_unmerged_peft_model_is_refused(monkeypatch):
 
 def test_model_without_24_layers_is_refused(monkeypatch):
     monkeypatch.setattr(export, "check_sparse24_support", lambda *a, **k: "cutlass")
-    from spp_peft.models import tiny_llama
+    from spp_peft.testing import tiny_llama
 
     with pytest.raises(ValueError, match="is it pruned to 2:4"):
         to_sparse24(tiny_llama())

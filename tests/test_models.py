@@ -11,16 +11,8 @@ import torch
 from torch import nn
 
 from spp_peft import models
-from spp_peft.models import (
-    byte_tokenizer,
-    find_decoder_blocks,
-    find_linears,
-    load_model,
-    load_smollm2,
-    smollm2_gguf_path,
-    tiny_gpt2,
-    tiny_llama,
-)
+from spp_peft.models import find_decoder_blocks, find_linears, load_model, load_smollm2, smollm2_gguf_path
+from spp_peft.testing import byte_tokenizer, tiny_gpt2, tiny_llama
 from spp_peft.sparsity import conv1d_class
 
 

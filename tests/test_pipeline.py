@@ -1,8 +1,7 @@
-"""spp_peft.pipeline: the whole chain on a tiny model, verification and the atomic, verified export."""
+"""spp_peft.pipeline: the whole chain on a tiny model; its typed results are what report.json holds."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -10,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from spp_peft import pipeline as P
+from spp_peft.export import SPARSITY_CONFIG_KEY
 from spp_peft.recipe import load_recipe
-from spp_peft.sparsity import SparsityViolation, assert_same_sparsity
+from spp_peft.sparsity import assert_same_sparsity
 
-from ._pipeline_fixtures import one_thread, pruned_tiny, save_dense  # noqa: F401 (one_thread: autouse fixture)
+from ._pipeline_fixtures import one_thread, save_dense  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -45,28 +45,35 @@ def test_run_end_to_end(tiny_dir, tmp_path):
     out = tmp_path / "run"
     # Every model evaluated on both sets; `none` is the pruned model.
     for ds in ("heldout", "ood"):
-        table = results["perplexity"][ds]
+        table = results.perplexity[ds]
         assert set(table) == {"dense", "pruned", "spp", "lora_star", "masked_lora", "none"}
         assert table["none"] == table["pruned"]
         assert all(v > 1 for v in table.values())
     # Same budget for every trained method; per-method learning rate recorded.
-    steps = {m: t["steps"] for m, t in results["training"].items()}
+    steps = {m: t["steps"] for m, t in results.training.items()}
     assert steps == {"spp": 2, "lora_star": 2, "masked_lora": 2}
-    assert results["training"]["lora_star"]["lr"] == 5e-3 and results["training"]["spp"]["lr"] == 1e-2
-    assert all(v["ok"] for v in results["verified"].values())
-    assert results["sparsity"]["spp"]["total_sparsity"] == pytest.approx(0.5)
+    assert results.training["lora_star"]["lr"] == 5e-3 and results.training["spp"]["lr"] == 1e-2
+    assert all(v.ok for v in results.verified.values())
+    assert results.sparsity["spp"]["total_sparsity"] == pytest.approx(0.5)
     # Files.
     for name in ("recipe.yaml", "run.log", "report.md", "report.json", "plots/loss.png", "pruned/config.json",
                  "spp/adapter/adapter_config.json", "lora_star/train_log.json"):
         assert (out / name).is_file(), name
     assert load_recipe(str(out / "recipe.yaml")).to_dict() == recipe.to_dict()
+    # report.json is the results' dict (the report's own timing and paths come after it is written).
+    saved = json.loads((out / "report.json").read_text())
+    assert saved.pop("table")
+    expected = json.loads(json.dumps(results.to_dict()))
+    del expected["report"], expected["timings"]["report"], expected["cpu_seconds"]["report"]
+    assert saved == expected and list(saved) == list(expected)
+    assert P.RunResults.from_dict(saved).to_dict() == saved
     assert "SPP" in lines[-3] or any(line.startswith("SPP") for line in "\n".join(lines).splitlines())
     # The exported models: safetensors, sparsity metadata, the pruned base's zeros.
     pruned_state = load_file(str(out / "pruned" / "model.safetensors"))
     for method in ("spp", "masked_lora"):
         folder = out / "merged" / method
         config = json.loads((folder / "config.json").read_text())
-        meta = config[P.SPARSITY_CONFIG_KEY]
+        meta = config[SPARSITY_CONFIG_KEY]
         assert meta["method"] == method and meta["pattern"] == "2:4"
         assert meta["total_sparsity"] == pytest.approx(0.5)
         assert config["spp_pruning"]["method"] == "wanda"
@@ -77,48 +84,6 @@ def test_run_end_to_end(tiny_dir, tmp_path):
         assert any(not torch.equal(pruned_state[k], state[k]) for k in layers), "the export must be fine-tuned"
     assert not (out / "merged" / "lora_star").exists()
     assert not list((out / "merged").glob(".*tmp*"))
-
-
-@pytest.fixture()
-def pruned_and_merged():
-    model, tokenizer, _ = pruned_tiny()
-    return model, tokenizer, P.pruned_layers(model)
-
-
-def test_verify_reports_a_filled_zero(pruned_and_merged):
-    model, _, layers = pruned_and_merged
-    other = copy.deepcopy(model)
-    assert P.verify(model, other, layers)["ok"]
-    weight = other.get_submodule(layers[0]).weight
-    with torch.no_grad():
-        weight[weight == 0] = 1e-3
-    check = P.verify(model, other, layers)
-    assert not check["ok"] and layers[0] in check["message"]
-
-
-def test_export_is_atomic_and_refuses_a_broken_model(pruned_and_merged, tmp_path):
-    model, tokenizer, layers = pruned_and_merged
-    good = P.export_merged(model, tokenizer, tmp_path / "out", model, layers, "spp", "2:4")
-    before = (good / "model.safetensors").read_bytes()
-    broken = copy.deepcopy(model)
-    with torch.no_grad():
-        broken.get_submodule(layers[-1]).weight.view(-1)[0:4] = 0.5  # fills zeros of a 2:4 group
-    with pytest.raises(SparsityViolation):
-        P.export_merged(broken, tokenizer, tmp_path / "out", model, layers, "spp", "2:4")
-    assert (good / "model.safetensors").read_bytes() == before, "a failed export must leave the old one"
-    with pytest.raises(SparsityViolation):
-        P.export_merged(broken, tokenizer, tmp_path / "new", model, layers, "spp", "2:4")
-    assert not (tmp_path / "new").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder may be left behind"
-    assert not hasattr(broken.config, P.SPARSITY_CONFIG_KEY)
-
-
-def test_pruned_layers_ignores_the_tied_padding_row():
-    from ._pipeline_fixtures import make_tiny
-
-    model, _ = make_tiny()
-    assert bool((model.lm_head.weight == 0).any())  # the padding row of the tied embeddings
-    assert P.pruned_layers(model) == []
 
 
 def test_zero_shot_bridge_scores_the_in_memory_model(tmp_path):
@@ -167,7 +132,7 @@ def test_run_on_an_already_pruned_model(tmp_path):
         "report": {"plots": False},
     })
     results = P.run(recipe, show_progress=False, echo=None)
-    assert results["pruning"]["method"] == "magnitude"  # the metadata the input model carries
-    assert set(results["perplexity"]["heldout"]) == {"pruned", "spp"}
-    assert results["verified"]["spp"]["ok"] and results["verified"]["spp"]["layers"] == 14
+    assert results.pruning["method"] == "magnitude"  # the metadata the input model carries
+    assert set(results.perplexity["heldout"]) == {"pruned", "spp"}
+    assert results.verified["spp"].ok and results.verified["spp"].layers == 14
     assert (tmp_path / "run" / "merged" / "spp" / "model.safetensors").is_file()

@@ -137,7 +137,7 @@ def _reference_masks(model, layers):
 
 
 def cmd_merge(args, extra) -> int:
-    from spp_peft.pipeline import expected_pattern, export_merged, pruned_layers, verify
+    from spp_peft.export import expected_pattern, export_merged, pruned_layers, verify
     from spp_peft.sparsity import SparsityViolation
 
     check_model(args.model, "--model")
@@ -187,7 +187,8 @@ def _eval_section(args) -> EvalSection:
 
 
 def cmd_eval(args, extra) -> int:
-    from spp_peft.pipeline import evaluate, eval_sets, pruned_layers, zero_shot
+    from spp_peft.export import pruned_layers
+    from spp_peft.pipeline import evaluate, eval_sets, zero_shot
     from spp_peft.sparsity import sparsity_report
 
     section = _eval_section(args)

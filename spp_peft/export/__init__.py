@@ -1,9 +1,19 @@
-"""Exporting merged sparse models: 2:4 semi-structured weights for the GPU's sparse tensor cores.
+"""Exporting merged sparse models: the verified safetensors export, and 2:4 semi-structured weights for the
+GPU's sparse tensor cores.
 
-``spp_peft.export.sparse24`` holds the 2:4 conversion (re-exported here).
+``spp_peft.export.safetensors`` holds the verified, atomic export (and the zero-set checks it runs);
+``spp_peft.export.sparse24`` holds the 2:4 conversion. Both are re-exported here.
 """
 
-from . import sparse24
+from . import safetensors, sparse24
+from .safetensors import (
+    SPARSITY_CONFIG_KEY,
+    expected_pattern,
+    export_merged,
+    pruned_layers,
+    sparsity_metadata,
+    verify,
+)
 from .sparse24 import (
     LayerEligibility,
     Sparse24Report,
@@ -13,4 +23,4 @@ from .sparse24 import (
     to_sparse24,
 )
 
-__all__ = list(sparse24.__all__)
+__all__ = list(safetensors.__all__) + list(sparse24.__all__)

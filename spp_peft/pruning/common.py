@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from spp_peft.sparsity import in_out_features, is_fan_in_fan_out, parse_nm  # noqa: F401 (re-exported)
+from spp_peft.sparsity import is_fan_in_fan_out, parse_nm
 
 UNSTRUCTURED = "unstructured"
 MAX_UNSTRUCTURED_SPARSITY = 0.95

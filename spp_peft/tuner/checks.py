@@ -71,10 +71,12 @@ def resolve_targets(model: nn.Module, config) -> dict[str, nn.Module]:
     }
 
 
-def validate_targets(targets: Mapping[str, nn.Module], r: int) -> dict[str, Target]:
-    """Check every target before any is replaced: a linear-like layer with ``1 <= r <= out_features``."""
+def validate_targets(targets: Mapping[str, nn.Module], config) -> dict[str, Target]:
+    """Check every target before any is replaced: a linear-like layer with ``1 <= r <= out_features`` (``r``
+    of that module: ``config.r_for(name)``)."""
     checked = {}
     for name, module in targets.items():
+        r = config.r_for(name)
         base = base_of(module)
         if not is_linear_like(base):
             raise ValueError(
@@ -85,7 +87,8 @@ def validate_targets(targets: Mapping[str, nn.Module], r: int) -> dict[str, Targ
         if not 1 <= r <= out_features:
             raise ValueError(
                 f"SPP r={r} is invalid for module '{name}' with out_features={out_features}: r is the number of "
-                "row groups and must satisfy 1 <= r <= out_features. Lower r or exclude the module."
+                "row groups and must satisfy 1 <= r <= out_features. Lower r, give this module its own with "
+                "rank_pattern, or exclude it."
             )
         checked[name] = Target(in_features, out_features, r)
     return checked

@@ -70,6 +70,9 @@ class SPPConfig(PeftConfig):
             target module, the shape, sparsity, pattern and fingerprint of the base weight's zero mask. Saved in
             ``adapter_config.json``; a saved adapter must record every module it targets.
         base_pruning: recorded automatically from ``model.config.spp_pruning`` (how the base was pruned).
+        rank_pattern / alpha_pattern: per-module ``r`` / ``spp_alpha``, as LoRA's: ``{"k_proj": 8}`` gives the
+            modules whose name ends with ``k_proj`` (or matches the regex) ``r=8``; others use ``r`` /
+            ``spp_alpha``. Useful when one ``r`` does not fit every target (GQA k/v projections are narrow).
         chunk_rows: let the SPP kernel process output rows in blocks of about this many rows, bounding its
             weight-sized temporaries (less memory, a little slower); ``None`` processes a layer at once.
     """
@@ -124,6 +127,14 @@ class SPPConfig(PeftConfig):
     base_pruning: Optional[dict] = field(
         default=None, metadata={"help": "Recorded at injection from model.config.spp_pruning, if present."}
     )
+    rank_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-module r: {name or regex: r}, like LoRA's rank_pattern (others use r)."},
+    )
+    alpha_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-module spp_alpha: {name or regex: alpha}, like LoRA's alpha_pattern."},
+    )
     chunk_rows: Optional[int] = field(
         default=None,
         metadata={"help": "Kernel option: process output rows in blocks of ~this many rows to save memory."},
@@ -153,10 +164,13 @@ class SPPConfig(PeftConfig):
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"SPPConfig.r must be a positive integer, got {self.r!r}")
-        if not _is_number(self.spp_alpha) or not math.isfinite(self.spp_alpha) or abs(self.spp_alpha) > MAX_ALPHA:
-            raise ValueError(
-                f"SPPConfig.spp_alpha must be a finite number with |spp_alpha| <= {MAX_ALPHA:g}, got {self.spp_alpha!r}"
-            )
+        for name, alpha in [("spp_alpha", self.spp_alpha), *(
+                (f"alpha_pattern[{k!r}]", v) for k, v in (self.alpha_pattern or {}).items())]:
+            if not _is_number(alpha) or not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
+                raise ValueError(f"SPPConfig.{name} must be a finite number with |alpha| <= {MAX_ALPHA:g}, got {alpha!r}")
+        for key, r in (self.rank_pattern or {}).items():
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise ValueError(f"SPPConfig.rank_pattern[{key!r}] must be a positive integer, got {r!r}")
         if not _is_number(self.spp_dropout) or not 0.0 <= float(self.spp_dropout) < 1.0:
             raise ValueError(f"SPPConfig.spp_dropout must be in [0, 1), got {self.spp_dropout!r}")
         if self.bias not in ("none", "all", "spp_only"):
@@ -165,6 +179,18 @@ class SPPConfig(PeftConfig):
             raise ValueError(f"SPPConfig.sparsity_check must be one of {CHECK_MODES}, got {self.sparsity_check!r}")
         if self.chunk_rows is not None and (not isinstance(self.chunk_rows, int) or self.chunk_rows < 1):
             raise ValueError(f"SPPConfig.chunk_rows must be a positive integer or None, got {self.chunk_rows!r}")
+
+    def r_for(self, module_name: str) -> int:
+        """``r`` of one module: its ``rank_pattern`` entry, else ``r`` (PEFT's pattern matching)."""
+        from peft.utils.other import get_pattern_key
+
+        return self.rank_pattern.get(get_pattern_key(list(self.rank_pattern), module_name), self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        """``spp_alpha`` of one module: its ``alpha_pattern`` entry, else ``spp_alpha``."""
+        from peft.utils.other import get_pattern_key
+
+        return self.alpha_pattern.get(get_pattern_key(list(self.alpha_pattern), module_name), self.spp_alpha)
 
     @property
     def scaling(self) -> float:

@@ -94,7 +94,7 @@ class SPPModel(BaseTuner):
         self.peft_config[adapter_name] = config
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         targets = resolve_targets(model, config)
-        validate_targets(targets, config.r)
+        validate_targets(targets, config)
         if config.from_saved_adapter:
             check_base_masks(config, targets, adapter_name)
         if config.base_masks is None or not config.verify_base_masks:
@@ -114,8 +114,8 @@ class SPPModel(BaseTuner):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
         kwargs = {
-            "r": spp_config.r,
-            "spp_alpha": spp_config.spp_alpha,
+            "r": spp_config.r_for(current_key),
+            "spp_alpha": spp_config.alpha_for(current_key),
             "spp_dropout": spp_config.spp_dropout,
             "init_weights": spp_config.init_weights,
             "inference_mode": spp_config.inference_mode,

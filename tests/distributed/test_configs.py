@@ -59,7 +59,7 @@ def test_prepare_zero3_marks_spp_layers(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed.utils", fake.utils)
     from peft import get_peft_model
 
-    from spp_peft.models import tiny_llama
+    from spp_peft.testing import tiny_llama
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

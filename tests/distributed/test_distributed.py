@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import spp_peft
-from spp_peft.distributed import free_port, torchrun_command
+from spp_peft.testing import free_port, torchrun_command
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

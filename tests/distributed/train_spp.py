@@ -1,7 +1,7 @@
 """Train an SPP adapter on a tiny 2:4-pruned Llama, on one process or several (DDP, FSDP2).
 
 Launched by ``tests/distributed/test_distributed.py``; also a small worked example of multi-process SPP
-training. Everything is offline: the model is built from a config (``spp_peft.models.tiny_llama``) and the
+training. Everything is offline: the model is built from a config (``spp_peft.testing.tiny_llama``) and the
 data are fixed random token sequences, identical on every rank.
 
 Runs (``--runs``, comma-separated, executed one after the other in the same processes):
@@ -61,7 +61,7 @@ def prune_24(model: torch.nn.Module) -> None:
 def build_model(seed: int = 0, r: int = 16):
     from peft import get_peft_model
 
-    from spp_peft.models import tiny_llama
+    from spp_peft.testing import tiny_llama
 
     base = tiny_llama(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=seed)
     prune_24(base)
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         results[run] = {"losses": losses, "saved_weights_probe": args.probe, "seconds": round(time.time() - start, 2)}
 
     if rank == 0:
-        from spp_peft.models import tiny_llama
+        from spp_peft.testing import tiny_llama
 
         clean = tiny_llama(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                            seed=args.seed)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from spp_peft.data import builtin_text, calibration_windows
-from spp_peft.models import byte_tokenizer, find_linears, tiny_gpt2, tiny_llama
+from spp_peft.models import find_linears
+from spp_peft.testing import byte_tokenizer, tiny_gpt2, tiny_llama
 from spp_peft.sparsity import as_out_in, conv1d_class
 
 

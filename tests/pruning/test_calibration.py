@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spp_peft.models import find_decoder_blocks, tiny_llama
+from spp_peft.models import find_decoder_blocks
+from spp_peft.testing import tiny_llama
 from spp_peft.pruning import prune
 from spp_peft.pruning.calibration import capture_block_inputs, collect_inputs, run_blocks
 from spp_peft.sparsity import nm_compliance, sparsity_report

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spp_peft.models import tiny_llama
-from spp_peft.pruning import PruningConfig, prune
+from spp_peft.pruning import prune
+from spp_peft.testing import tiny_llama
 from spp_peft.pruning.common import num_to_prune
 from spp_peft.pruning.magnitude import magnitude_mask
 from spp_peft.sparsity import nm_compliance, zero_mask, zeros_per_group
@@ -172,16 +172,3 @@ def test_unsupported_architecture_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="could not find the decoder blocks of Sequential"):
         prune(model, "magnitude", show_progress=False)
-
-
-def test_config_round_trip_and_unknown_options():
-    config = PruningConfig(method="sparsegpt", pattern="2:4", target_modules=("q_proj",))
-    assert PruningConfig.from_dict(config.to_dict()) == config
-    assert config.effective_sparsity == 0.5 and config.nm == (2, 4)
-    with pytest.raises(ValueError, match="unknown pruning option"):
-        PruningConfig.from_dict({"method": "wanda", "ratio": 0.5})
-    with pytest.raises(ValueError, match="blocksize"):
-        PruningConfig(method="sparsegpt", blocksize=0)
-    assert PruningConfig(method="sparsegpt", pattern="2:8", blocksize=12).effective_blocksize == 8
-    assert PruningConfig(method="sparsegpt", pattern="2:5", blocksize=128).effective_blocksize == 125
-    assert PruningConfig(method="sparsegpt", pattern="1:3", blocksize=2).effective_blocksize == 3

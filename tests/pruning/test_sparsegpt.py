@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spp_peft.models import find_linears, tiny_llama
+from spp_peft.models import find_linears
+from spp_peft.testing import tiny_llama
 from spp_peft.pruning import prune
 from spp_peft.pruning.magnitude import magnitude_mask
 from spp_peft.pruning.sparsegpt import HessianStats, sparsegpt_prune

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spp_peft.models import find_linears, tiny_llama
+from spp_peft.models import find_linears
+from spp_peft.testing import tiny_llama
 from spp_peft.pruning import prune
 from spp_peft.pruning.wanda import InputNormStats, wanda_mask
 from spp_peft.sparsity import as_out_in, conv1d_class, nm_compliance, zero_mask, zeros_per_group

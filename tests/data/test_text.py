@@ -16,7 +16,7 @@ from spp_peft.data import (
     out_of_domain_text,
     token_stream,
 )
-from spp_peft.models import byte_tokenizer
+from spp_peft.testing import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

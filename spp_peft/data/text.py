@@ -4,8 +4,8 @@ Sections:
     * built-in offline text (:func:`builtin_text`, :func:`out_of_domain_text`): always available, no network;
     * generic text loading (:func:`load_texts`): built-in names, local files, hub datasets, lists of strings;
     * tokenization helpers (:func:`tokenize`, :func:`token_stream`);
-    * calibration data (:func:`calibration_windows`), sampled like Wanda's and SparseGPT's ``get_loaders``.
-    Training / evaluation datasets for the fine-tuning stage are added below these, reusing the same helpers.
+    * calibration data (:func:`calibration_windows`), sampled like Wanda's and SparseGPT's ``get_loaders``;
+    * language-model training windows (:func:`lm_windows`).
 
 The built-in text is the documentation that ships with CPython itself: ``pydoc_data.topics.topics``, the
 ~465k characters of the language reference behind ``help("topic")``. It is English technical prose with
@@ -65,10 +65,15 @@ def builtin_text(split: str = "train") -> list[str]:
     Returns:
         the documents of the split, in sorted topic order.
     """
+    return [text for _, text in split_topics(split, "builtin_text")]
+
+
+def split_topics(split: str, caller: str) -> list[tuple[str, str]]:
+    """``(topic, text)`` of the built-in corpus's ``split`` (every ``HELDOUT_EVERY``-th topic is held out)."""
     if split not in BUILTIN_SPLITS:
-        raise ValueError(f"builtin_text: split must be one of {BUILTIN_SPLITS}, got {split!r}")
+        raise ValueError(f"{caller}: split must be one of {BUILTIN_SPLITS}, got {split!r}")
     heldout = split == "heldout"
-    return [text for i, (_, text) in enumerate(_builtin_topics()) if (i % HELDOUT_EVERY == 0) == heldout]
+    return [topic for i, topic in enumerate(_builtin_topics()) if (i % HELDOUT_EVERY == 0) == heldout]
 
 
 def out_of_domain_text() -> list[str]:
@@ -119,15 +124,20 @@ def _load_local_file(path: Path, text_field: str) -> list[str]:
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use .txt, .json or .jsonl")
 
 
+def hub_dataset_id(source: str) -> tuple[str, Optional[str], str]:
+    """``(name, config, split)`` of a hub dataset source ``"name[:config][:split]"`` (split ``train`` by default)."""
+    parts = source.split(":")
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return parts[0], config, split
+
+
 def _load_hub(source: str, text_field: str) -> list[str]:
     from datasets import load_dataset
 
-    parts = source.split(":")
-    if len(parts) > 3:
+    if source.count(":") > 2:
         raise ValueError(f"hub dataset must look like 'name[:config][:split]', got {source!r}")
-    name = parts[0]
-    config = parts[1] if len(parts) > 1 and parts[1] else None
-    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    name, config, split = hub_dataset_id(source)
     try:
         dataset = load_dataset(name, config, split=split)
     except Exception as err:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ...)
@@ -245,30 +255,6 @@ def calibration_windows(
     return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
 
 
-# =====================================================================================================
-# Fine-tuning data (the training stage: spp_peft.training). Added by the pipeline/CLI work; reuses the
-# loaders and tokenization helpers above.
-# =====================================================================================================
-
-#: What the training data look like: plain text for language modelling, or instruction records rendered
-#: with the Alpaca prompt template or the tokenizer's chat template.
-TRAIN_FORMATS = ("text", "alpaca", "chat")
-#: Label of tokens that do not count in the loss (PyTorch's cross-entropy ``ignore_index``).
-IGNORE_INDEX = -100
-
-#: The Stanford Alpaca prompt, as in alpaca-lora's ``templates/alpaca.json`` (used by the SPP reference).
-ALPACA_PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
 def lm_windows(tokenizer, texts: Union[str, Sequence[str]], seqlen: int) -> torch.Tensor:
     """Non-overlapping ``seqlen``-token windows of the joined documents, for language-model training.
 
@@ -282,140 +268,3 @@ def lm_windows(tokenizer, texts: Union[str, Sequence[str]], seqlen: int) -> torc
     if count == 0:
         raise ValueError(f"lm_windows: the text has {stream.numel()} tokens, fewer than one window of {seqlen}")
     return stream[: count * seqlen].reshape(count, seqlen)
-
-
-def builtin_instructions(split: str = "train") -> list[dict]:
-    """An offline instruction dataset made from the built-in corpus: "explain topic X" -> the topic's text.
-
-    One record per pydoc topic of the split (see :func:`builtin_text`), with Alpaca fields
-    ``instruction`` / ``input`` / ``output``. It is small and narrow; it exists so that the instruction
-    formats can be exercised without the network, not as a substitute for Alpaca-GPT4.
-    """
-    if split not in BUILTIN_SPLITS:
-        raise ValueError(f"builtin_instructions: split must be one of {BUILTIN_SPLITS}, got {split!r}")
-    heldout = split == "heldout"
-    return [
-        {"instruction": f"Explain the Python language topic '{key}'.", "input": "", "output": text.strip()}
-        for i, (key, text) in enumerate(_builtin_topics())
-        if (i % HELDOUT_EVERY == 0) == heldout
-    ]
-
-
-def load_records(source: Union[str, os.PathLike, Sequence[dict]], max_samples: Optional[int] = None) -> list[dict]:
-    """Load instruction records (dicts) for fine-tuning.
-
-    Args:
-        source: ``"builtin:instructions"`` (:func:`builtin_instructions`, train split); a local ``.json`` /
-            ``.jsonl`` file of records (Alpaca fields ``instruction``/``input``/``output``, or a
-            ``messages`` list of ``{"role", "content"}``); a hub dataset ``"name[:config][:split]"``
-            (e.g. ``"vicgalle/alpaca-gpt4"``, needs the network); or a list of dicts.
-        max_samples: keep only the first ``max_samples`` records.
-    """
-    if isinstance(source, (list, tuple)):
-        records = [dict(r) for r in source]
-    else:
-        name = os.fspath(source)
-        if name in ("builtin:instructions", "builtin:instructions:train"):
-            records = builtin_instructions("train")
-        elif name == "builtin:instructions:heldout":
-            records = builtin_instructions("heldout")
-        else:
-            from datasets import load_dataset
-
-            path = Path(name).expanduser()
-            if path.is_dir():
-                raise ValueError(f"load_records: {name!r} is a folder; pass a .json or .jsonl file")
-            if path.is_file():
-                if path.suffix.lower() not in (".json", ".jsonl"):
-                    raise ValueError(f"{path}: instruction data must be a .json or .jsonl file of records")
-                dataset = load_dataset("json", data_files=str(path), split="train")
-            elif path.suffix.lower() in (".json", ".jsonl") or name.startswith(("/", ".", "~")):
-                raise FileNotFoundError(f"load_records: file {name!r} does not exist")
-            else:
-                parts = name.split(":")
-                try:
-                    dataset = load_dataset(
-                        parts[0], (parts[1] or None) if len(parts) > 1 else None,
-                        split=(parts[2] or "train") if len(parts) > 2 else "train",
-                    )
-                except Exception as err:  # network errors, missing datasets: one clear message
-                    raise RuntimeError(
-                        f"could not load hub dataset {name!r}: {err}. Offline, use 'builtin:instructions' "
-                        "or a local .json/.jsonl file."
-                    ) from err
-            records = [dict(r) for r in dataset]
-    if max_samples is not None:
-        records = records[: max(0, int(max_samples))]
-    return records
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt for a record (the response follows it directly)."""
-    if input:
-        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-def record_messages(record: dict) -> list[dict]:
-    """A record as chat messages: its own ``messages``, or user = instruction (+ input), assistant = output."""
-    if "messages" in record:
-        return [dict(m) for m in record["messages"]]
-    _require_fields(record, ("instruction", "output"))
-    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-
-
-def _require_fields(record: dict, names: Sequence[str]) -> None:
-    missing = [n for n in names if n not in record]
-    if missing:
-        raise ValueError(f"instruction record lacks field(s) {missing}; it has {sorted(record)}")
-
-
-def _ids(encoded) -> list[int]:
-    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); older versions a list.
-    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return list(ids)
-
-
-def tokenize_instruction(
-    tokenizer, record: dict, fmt: str = "alpaca", cutoff_len: int = 512, train_on_inputs: bool = True,
-    add_eos: bool = True,
-) -> dict:
-    """Tokenize one instruction record for supervised fine-tuning.
-
-    ``"alpaca"``: prompt = :func:`alpaca_prompt`, then the output and (``add_eos``) the EOS token, as in
-    alpaca-lora. Prompt and response are tokenized separately and concatenated, so the boundary used by
-    ``train_on_inputs=False`` is exact. ``"chat"``: the tokenizer's chat template over
-    :func:`record_messages`; the prompt part is the template of all messages but the last with the
-    generation prompt.
-
-    With ``train_on_inputs=False`` the prompt tokens get label :data:`IGNORE_INDEX` (the loss covers the
-    response only), the reference's option. Sequences are cut to ``cutoff_len`` tokens.
-
-    Returns:
-        ``{"input_ids": [...], "labels": [...]}`` (lists of ints of equal length).
-    """
-    if fmt == "alpaca":
-        _require_fields(record, ("instruction", "output"))
-        prompt = _ids(tokenizer(alpaca_prompt(record["instruction"], record.get("input") or ""))["input_ids"])
-        response = _ids(tokenizer(record["output"], add_special_tokens=False)["input_ids"])
-        if add_eos and tokenizer.eos_token_id is not None:
-            response = response + [tokenizer.eos_token_id]
-        full = prompt + response
-    elif fmt == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("data format 'chat' needs a tokenizer with a chat template; use format 'alpaca'")
-        messages = record_messages(record)
-        full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
-        prompt = _ids(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True))
-        if full[: len(prompt)] != prompt:
-            raise ValueError("the chat template renders the conversation's prompt differently alone: cannot "
-                             "mask the inputs; use train_on_inputs=True or format 'alpaca'")
-    else:
-        raise ValueError(f"tokenize_instruction: format must be 'alpaca' or 'chat', got {fmt!r}")
-    full = full[:cutoff_len]
-    labels = list(full)
-    if not train_on_inputs:
-        masked = min(len(prompt), len(full))
-        labels[:masked] = [IGNORE_INDEX] * masked
-    return {"input_ids": full, "labels": labels}

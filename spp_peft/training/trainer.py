@@ -1,0 +1,215 @@
+"""Fine-tuning with transformers' ``Trainer``: the same data, budget and loop for every method.
+
+:func:`train` runs the ``Trainer`` (progress bar, logging, checkpoints and resume, gradient checkpointing),
+stops a diverged run, and saves the adapter with its model card (:func:`~spp_peft.training.save_adapter`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from spp_peft._utils import atomic_write_file, exclusive
+
+from .checkpoints import _finished_state, _load_adapter_weights, _prepare_checkpoints, _run_identity
+from .config import TrainConfig, check_method
+from .dataset import PadCollator, TokenDataset, pad_id
+from .methods import save_adapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the trained ``model`` (a ``PeftModel``), where its adapter is, and its log."""
+
+    method: str
+    model: Any
+    adapter_dir: Optional[str]
+    log_history: list[dict]
+    steps: int
+    seconds: float
+    tokens: int
+    lr: float
+    examples: int
+    resumed_from: Optional[str] = None
+
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        """``(step, training loss)`` of every logged step."""
+        return [(int(e["step"]), float(e["loss"])) for e in self.log_history if "loss" in e and "step" in e]
+
+    def summary(self) -> dict:
+        losses = self.losses
+        return {
+            "method": self.method,
+            "adapter_dir": self.adapter_dir,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+            "seconds_per_step": round(self.seconds / self.steps, 3) if self.steps else None,
+            "tokens": self.tokens,
+            "lr": self.lr,
+            "examples": self.examples,
+            "resumed_from": self.resumed_from,
+            "first_loss": losses[0][1] if losses else None,
+            "final_loss": losses[-1][1] if losses else None,
+            "losses": losses,
+        }
+
+
+def training_arguments(cfg: TrainConfig, output_dir: Union[str, os.PathLike], lr: Optional[float] = None):
+    """``transformers.TrainingArguments`` for ``cfg`` (checkpoints go to ``output_dir``)."""
+    save = cfg.save_steps > 0
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; use what this version has.
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    checkpointing = {ckpt: cfg.gradient_checkpointing,
+                     f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None}
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr if lr is None else lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        warmup_steps=cfg.warmup if cfg.warmup < 1 else int(cfg.warmup),
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        optim=cfg.optim,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if save else "no",
+        save_steps=cfg.save_steps if save else 500,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        **checkpointing,
+        bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    method: str,
+    dataset: TokenDataset,
+    cfg: TrainConfig,
+    output_dir: Union[str, os.PathLike],
+    lr: Optional[float] = None,
+    data_description: Optional[dict] = None,
+    callbacks: Optional[list] = None,
+) -> TrainResult:
+    """Fine-tune a model prepared by :func:`~spp_peft.training.prepare_model` with transformers' ``Trainer``.
+
+    Writes under ``output_dir``: ``checkpoints/`` (every ``cfg.save_steps`` steps; with ``cfg.resume`` a
+    later call continues from the newest one), ``adapter/`` (the final adapter, its model card and
+    :data:`~spp_peft.training.METHOD_FILE`) and ``train_log.json`` (the Trainer's log history).
+
+    Args:
+        lr: learning rate for this method (defaults to ``cfg.lr``).
+        data_description: recorded in ``METHOD_FILE`` and the model card (e.g. the data config).
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+
+    Raises:
+        OutputBusyError: another training is writing into ``output_dir`` right now.
+        TrainingDiverged: a trainable weight became NaN or inf (nothing is saved).
+    """
+    check_method(method)
+    with exclusive(output_dir) as out:
+        return _train(model, tokenizer, method, dataset, cfg, out, lr, data_description, callbacks)
+
+
+def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_description, callbacks) -> TrainResult:
+    out.mkdir(parents=True, exist_ok=True)
+    lr = cfg.lr if lr is None else float(lr)
+    if method == "none":
+        return TrainResult(method, model, None, [], 0, 0.0, 0, lr, len(dataset))
+
+    ckpt_dir = out / "checkpoints"
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, ckpt_dir, lr),
+        train_dataset=dataset,
+        data_collator=PadCollator(pad_id(tokenizer)),
+        callbacks=[*(callbacks or []), DivergenceGuard()],
+    )
+    resume = _prepare_checkpoints(ckpt_dir, _run_identity(method, cfg, lr, dataset, data_description), cfg.resume)
+    if resume:
+        logger.info("%s: resuming from %s", method, resume)
+    logger.info(
+        "%s: training %d trainable parameters, lr=%g, %s steps of %d x %d sequences",
+        method, sum(p.numel() for p in model.parameters() if p.requires_grad), lr,
+        cfg.max_steps if cfg.max_steps > 0 else f"{cfg.epochs:g} epoch(s) of", cfg.batch_size, cfg.grad_accum,
+    )
+    start = time.perf_counter()
+    steps, history = _run_trainer(trainer, model, resume)
+    seconds = time.perf_counter() - start
+    model.eval()
+    _check_finite(model, method, lr, steps)
+    tokens = _tokens_seen(dataset, steps * cfg.batch_size * cfg.grad_accum)
+    result = TrainResult(method, model, None, history, steps, seconds, tokens, lr, len(dataset), resume)
+    result.adapter_dir = str(save_adapter(model, out / "adapter", method, cfg, lr, result, data_description))
+    atomic_write_file(out / "train_log.json", json.dumps(history, indent=1) + "\n")
+    return result
+
+
+def _run_trainer(trainer: Trainer, model: nn.Module, resume: Optional[str]) -> tuple[int, list[dict]]:
+    """Train (from ``resume`` if given); the steps done and the log history."""
+    finished = _finished_state(resume) if resume else None
+    if finished is not None:
+        # The checkpoint is the end of this very run: load it. (Trainer would run one step past max_steps.)
+        _load_adapter_weights(model, resume)
+        return int(finished["global_step"]), [dict(e) for e in finished.get("log_history", [])]
+    trainer.train(resume_from_checkpoint=resume)
+    return int(trainer.state.global_step), [dict(e) for e in trainer.state.log_history]
+
+
+def _non_finite_param(model: nn.Module) -> Optional[str]:
+    """The first trainable parameter holding NaN or inf, or ``None``."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+            return name
+    return None
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop at the first step that leaves a non-finite trainable weight: the run is lost, and the rest of
+    the budget would be spent on NaNs (the Trainer's logged loss hides them: logging_nan_inf_filter)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and _non_finite_param(model) is not None:
+            control.should_training_stop = True
+        return control
+
+
+def _check_finite(model: nn.Module, method: str, lr: float, steps: int) -> None:
+    """Refuse to save trained weights that hold NaN or inf (a diverged run): nothing useful can be merged."""
+    name = _non_finite_param(model)
+    if name is not None:
+        from spp_peft.errors import TrainingDiverged
+
+        raise TrainingDiverged(f"{method}: training produced non-finite adapter weights ({name}) by step {steps} "
+                               f"with lr={lr:g}; nothing was saved: lower the learning rate")
+
+
+def _tokens_seen(dataset: TokenDataset, sequences: int) -> int:
+    if not len(dataset):
+        return 0
+    mean = dataset.num_tokens / len(dataset)
+    return int(round(mean * sequences))
