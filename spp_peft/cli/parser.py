@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from typing import Optional, Sequence
 
 from spp_peft.cli.errors import EXIT_CODES_HELP
 from spp_peft.errors import RecipeError, quote
-from spp_peft.recipe import EvalSection, PruningSection, build_dataclass, hints, parse_value, type_name
+from spp_peft.recipe import EvalSection, PruningSection, build_dataclass, parse_value, type_name
+from spp_peft.training.config import METHODS, DataConfig, TrainConfig
 
 #: The flags that show tracebacks; accepted before or after the command.
 DEBUG_FLAGS = ("-v", "--verbose", "--debug")
@@ -49,7 +51,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip:
     """One flag per field of ``cls`` (help and type from the field); values stay strings until
     :func:`dataclass_from_flags` reads them with the field's type."""
     rename = rename or {}
-    types_ = hints(cls)
+    types_ = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{prefix} options")
     defaults = cls()
     for f in dataclasses.fields(cls):
@@ -66,7 +68,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip:
 
 def dataclass_from_flags(args: argparse.Namespace, cls, prefix: str, base: Optional[dict] = None):
     """Build ``cls`` from the flags :func:`add_dataclass_flags` added (typed and validated)."""
-    types_ = hints(cls)
+    types_ = typing.get_type_hints(cls)
     data = dict(base or {})
     for f in dataclasses.fields(cls):
         raw = getattr(args, f"{prefix}__{f.name}", None)
@@ -138,8 +140,6 @@ def _add_prune(add) -> None:
 
 
 def _add_train(add) -> None:
-    from spp_peft.training import METHODS, DataConfig, TrainConfig
-
     p = add("train", help="Fine-tune a pruned model with one method and save the adapter.")
     p.add_argument("--model", required=True, help="The pruned model folder.")
     p.add_argument("--method", default="spp", choices=[m for m in METHODS if m != "none"])

@@ -51,9 +51,8 @@ from spp_peft.recipe.schema import (
     PruningSection,
     Recipe,
     ReportSection,
-    hints,
+    TrainSection,
     section_classes,
-    train_section,
 )
 from spp_peft.recipe.values import build_dataclass, coerce, field_type, parse_value, recipe_keys, type_name
 from spp_peft.recipe.yaml12 import parse_yaml
@@ -61,14 +60,8 @@ from spp_peft.recipe.yaml12 import parse_yaml
 __all__ = [
     "EvalSection", "ExportSection", "ModelSection", "PruningSection", "QUICKSTART_FILE", "Recipe", "RecipeError",
     "ReportSection", "TASK_PRESETS", "TrainSection", "apply_overrides", "build_dataclass", "check_eval",
-    "check_model", "check_pruning", "check_source", "coerce", "expand_tasks", "field_type", "hints",
+    "check_model", "check_pruning", "check_source", "coerce", "expand_tasks", "field_type",
     "load_recipe", "load_recipe_data", "parse_value", "parse_yaml", "quickstart_yaml", "recipe_keys",
-    "section_classes", "set_key", "train_section", "type_name", "validate",
+    "section_classes", "set_key", "type_name", "validate",
 ]
 
-
-def __getattr__(name: str):
-    # TrainSection subclasses the training stage's TrainConfig: built on first use, not at import.
-    if name == "TrainSection":
-        return train_section()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

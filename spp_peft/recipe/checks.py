@@ -17,6 +17,7 @@ from spp_peft.errors import RecipeError, quote
 from spp_peft.evaluation import PAPER_TASKS
 from spp_peft.recipe.schema import EvalSection, Recipe
 from spp_peft.recipe.values import section_error
+from spp_peft.training.config import METHODS
 
 #: Named sets of lm-eval tasks usable in ``eval.zero_shot_tasks``.
 TASK_PRESETS = {"paper7": list(PAPER_TASKS)}
@@ -90,8 +91,6 @@ def validate(recipe: Recipe, check_paths: bool = True) -> None:
 
 def _check_methods(recipe: Recipe) -> None:
     """``train.methods`` known and distinct; ``method_lr`` and ``export.methods`` name trained methods."""
-    from spp_peft.training import METHODS
-
     methods = recipe.train.methods
     for m in methods:
         if m not in METHODS:

@@ -1,16 +1,14 @@
 """The recipe's schema: one dataclass per section, whose fields are the section's keys (with their types,
 defaults and help text), so the YAML schema, the command-line flags and ``spp-peft keys`` come from one place.
 
-``data:`` and ``train:`` are the training stage's own settings (:class:`spp_peft.training.DataConfig`,
-:class:`spp_peft.training.TrainConfig`); they are imported when a recipe is first built, not when this
-module is imported, so that reading the schema of the other sections does not load the training stage.
+``data:`` and ``train:`` are the training stage's own settings, from its light ``config`` module (not the
+trainer): :class:`spp_peft.training.DataConfig` and :class:`spp_peft.training.TrainConfig`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-if typing.TYPE_CHECKING:  # at run time hints() supplies them; TrainSection is train_section()'s subclass
-    from spp_peft.training import DataConfig
-    from spp_peft.training import TrainConfig as TrainSection
+from spp_peft.training.config import METHODS, DataConfig, TrainConfig
 
 
 @dataclass
@@ -93,44 +89,24 @@ PruningSection.__doc__ = (
 )
 
 
-@functools.cache
-def train_section() -> type:
-    """The ``TrainSection`` class: :class:`spp_peft.training.TrainConfig` plus which methods to run.
+@dataclass
+class TrainSection(TrainConfig):
+    """The recipe's ``train:`` section: :class:`spp_peft.training.TrainConfig` plus which methods to run."""
 
-    Built on first use (see the module's docstring); ``spp_peft.recipe.TrainSection`` is the same class."""
-    from spp_peft.training import METHODS, TrainConfig
+    methods: list[str] = field(
+        default_factory=lambda: ["spp"],
+        metadata={"help": f"Methods to fine-tune and compare, among {METHODS}, on the same data and budget."},
+    )
+    method_lr: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-method learning rate overriding lr, e.g. {lora_star: 1e-2}."}
+    )
 
-    @dataclass
-    class TrainSection(TrainConfig):
-        """The recipe's ``train:`` section: :class:`spp_peft.training.TrainConfig` plus which methods to run."""
+    def train_config(self) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: copy.deepcopy(v) for k, v in vars(self).items() if k in names})
 
-        methods: list[str] = field(
-            default_factory=lambda: ["spp"],
-            metadata={"help": f"Methods to fine-tune and compare, among {METHODS}, on the same data and budget."},
-        )
-        method_lr: dict[str, float] = field(
-            default_factory=dict, metadata={"help": "Per-method learning rate overriding lr, e.g. {lora_star: 1e-2}."}
-        )
-
-        def train_config(self) -> TrainConfig:
-            names = {f.name for f in dataclasses.fields(TrainConfig)}
-            return TrainConfig(**{k: copy.deepcopy(v) for k, v in vars(self).items() if k in names})
-
-        def lr_for(self, method: str) -> float:
-            return float(self.method_lr.get(method, self.lr))
-
-    TrainSection.__module__, TrainSection.__qualname__ = __name__, "TrainSection"  # found again by pickle
-    return TrainSection
-
-
-def _default_data():
-    from spp_peft.training import DataConfig
-
-    return DataConfig()
-
-
-def _default_train():
-    return train_section()()
+    def lr_for(self, method: str) -> float:
+        return float(self.method_lr.get(method, self.lr))
 
 
 @dataclass
@@ -166,14 +142,14 @@ class ReportSection:
 
 @dataclass
 class Recipe:
-    """A whole run: one field per section (``data`` is a ``DataConfig``, ``train`` a ``TrainSection``)."""
+    """A whole run: one field per section."""
 
     name: str = field(default="run", metadata={"help": "Run name."})
     output_dir: str = field(default="runs/{name}", metadata={"help": "Output folder ({name} is replaced)."})
     model: ModelSection = field(default_factory=ModelSection)
     pruning: PruningSection = field(default_factory=PruningSection)
-    data: DataConfig = field(default_factory=_default_data)
-    train: TrainSection = field(default_factory=_default_train)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     export: ExportSection = field(default_factory=ExportSection)
     report: ReportSection = field(default_factory=ReportSection)
@@ -189,20 +165,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
 
 
-def hints(cls) -> dict[str, Any]:
-    """The resolved field types of a schema dataclass (``typing.get_type_hints`` that also knows the
-    training types the schema names without importing them at module level)."""
-    from spp_peft.training import DataConfig
-
-    return typing.get_type_hints(cls, localns={"DataConfig": DataConfig, "TrainSection": train_section()})
-
-
 def section_classes() -> dict[str, type]:
     """``{section name: dataclass}`` of the recipe's sections."""
-    return {name: tp for name, tp in hints(Recipe).items() if dataclasses.is_dataclass(tp)}
+    return {name: tp for name, tp in typing.get_type_hints(Recipe).items() if dataclasses.is_dataclass(tp)}
 
-
-def __getattr__(name: str):
-    if name == "TrainSection":
-        return train_section()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

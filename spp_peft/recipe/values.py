@@ -14,7 +14,7 @@ import typing
 from typing import Any, Sequence, Union
 
 from spp_peft.errors import RecipeError, quote
-from spp_peft.recipe.schema import Recipe, hints
+from spp_peft.recipe.schema import Recipe
 from spp_peft.recipe.yaml12 import parse_yaml
 
 
@@ -102,7 +102,7 @@ def build_dataclass(cls, data: Any, where: str = ""):
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys, got {got(data)}")
-    types_ = hints(cls)
+    types_ = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -129,7 +129,7 @@ def field_type(key: str):
             known = [f.name for f in dataclasses.fields(cls)]
             if part not in known:
                 raise unknown_key(part, known, ".".join(path))
-            tp = hints(cls)[part]
+            tp = typing.get_type_hints(cls)[part]
             cls = tp if dataclasses.is_dataclass(tp) else None
         elif typing.get_origin(tp) is dict:
             tp = typing.get_args(tp)[1]
@@ -165,10 +165,10 @@ def recipe_keys() -> list[tuple[str, str, Any, str]]:
     rows = []
     defaults = Recipe()
     for f in dataclasses.fields(Recipe):
-        tp = hints(Recipe)[f.name]
+        tp = typing.get_type_hints(Recipe)[f.name]
         if dataclasses.is_dataclass(tp):
             section = getattr(defaults, f.name)
-            section_types = hints(tp)
+            section_types = typing.get_type_hints(tp)
             for sf in dataclasses.fields(tp):
                 rows.append((f"{f.name}.{sf.name}", type_name(section_types[sf.name]), getattr(section, sf.name),
                              sf.metadata.get("help", "")))
