@@ -43,7 +43,12 @@ from spp_peft.cli.errors import (
 )
 from spp_peft.cli.parser import DEBUG_FLAGS, add_dataclass_flags, build_parser, dataclass_from_flags, split_dotted
 
-__all__ = ["COMMANDS", "DEBUG_FLAGS", "DOTTED", "EXIT_BAD_INPUT", "EXIT_BROKEN_PIPE", "EXIT_CODES_HELP"]
-__all__ += ["EXIT_DIVERGED", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_IO", "EXIT_OK", "EXIT_SPARSITY"]
-__all__ += ["add_dataclass_flags", "build_parser", "classify", "dataclass_from_flags", "guarded", "main"]
-__all__ += ["split_dotted"]
+__all__ = [
+    # app, commands
+    "main", "DOTTED", "COMMANDS",
+    # errors: the boundary and its exit codes
+    "guarded", "classify", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_SPARSITY", "EXIT_IO", "EXIT_DIVERGED",
+    "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE", "EXIT_CODES_HELP",
+    # parser
+    "build_parser", "add_dataclass_flags", "dataclass_from_flags", "split_dotted", "DEBUG_FLAGS",
+]
