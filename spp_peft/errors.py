@@ -35,6 +35,10 @@ def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+class RecipeError(ValueError):
+    """A recipe, a command-line flag or a value that cannot be run; the message names the key and the fix."""
+
+
 class UnreadableInput(OSError):
     """A file that exists but cannot be read as what it should be (truncated safetensors, broken JSON,
     bytes that are not UTF-8); the message names the file."""

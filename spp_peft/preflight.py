@@ -13,12 +13,10 @@ from typing import Optional, Sequence, Union
 
 from torch import nn
 
-from spp_peft.errors import describe_cause, quote, reading
+from spp_peft.errors import RecipeError, describe_cause, quote, reading
 
 
 def _fail(message: str):
-    from spp_peft.recipe import RecipeError
-
     raise RecipeError(message)
 
 

@@ -6,7 +6,7 @@ One recipe per model (LLaMA 7B/13B/30B/65B, LLaMA-2 7B/13B/70B) x pruner (Wanda,
 (50% unstructured, 2:4, 4:8, 75% unstructured). Shared settings: SPP r=16, s=2 (spp_alpha=32), batch 128,
 3 epochs, cutoff 512, warm-up 3%, weight decay 0.001, targets q,k,v,o,gate,up,down, Alpaca-GPT4 data;
 learning rate 4e-3 for 7B/30B, 2e-3 for 13B, 5e-4 for 65B/70B. They need GPUs and the network.
-tests/test_cli.py checks that the committed files equal this script's output.
+tests/recipe/test_load.py checks that the committed files equal this script's output.
 """
 
 from __future__ import annotations

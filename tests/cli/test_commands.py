@@ -12,11 +12,12 @@ import pytest
 import yaml
 
 from spp_peft import cli
-from spp_peft.recipe import QUICKSTART_YAML, RecipeError, load_recipe
+from spp_peft.recipe import RecipeError, load_recipe, quickstart_yaml
 
-from ._pipeline_fixtures import one_thread, save_dense, all_threads  # noqa: F401 (one_thread: autouse fixture)
+from ._recipes import tiny_recipe
+from .._pipeline_fixtures import one_thread, save_dense, all_threads  # noqa: F401 (one_thread: autouse fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +101,7 @@ def test_inspect_adapter(chain, capsys):
 
 
 def _write_recipe(path: Path, tiny_dir, out, **changes) -> Path:
-    data = {
-        "name": "cli",
-        "output_dir": str(out),
-        "model": {"name_or_path": str(tiny_dir)},
-        "pruning": {"method": "magnitude", "pattern": "2:4"},
-        "data": {"cutoff_len": 32, "max_samples": 8},
-        "train": {"methods": ["spp"], "max_steps": 1, "batch_size": 2, "r": 4, "progress": False},
-        "eval": {"seqlen": 32, "max_tokens": 128, "datasets": {"heldout": "builtin:heldout"}},
-        "report": {"plots": False},
-    }
-    for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        data[section][key] = value
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return tiny_recipe(path, tiny_dir, out, **changes)
 
 
 def test_run_recipe_with_overrides(tiny_dir, tmp_path, capsys):
@@ -161,15 +148,6 @@ def test_missing_recipe_and_model(tmp_path, capsys):
     assert "train.max_steps: expected int" in capsys.readouterr().err
 
 
-def test_yaml_scalars_are_yaml_1_2():
-    recipe = load_recipe("pruning:\n  pattern: 2:4\ntrain:\n  lr: 1e-3\n  resume: false\n", check_paths=False)
-    assert recipe.pruning.pattern == "2:4" and recipe.train.lr == 1e-3 and recipe.train.resume is False
-    with pytest.raises(RecipeError, match="duplicate key 'lr'"):
-        load_recipe("train:\n  lr: 1\n  lr: 2\n", check_paths=False)
-    with pytest.raises(RecipeError, match="train.resume: expected bool"):
-        load_recipe("train:\n  resume: yes\n", check_paths=False)
-
-
 def test_keys_lists_every_section(capsys):
     assert cli.main(["keys"]) == 0
     out = capsys.readouterr().out
@@ -186,36 +164,36 @@ def test_estimate_delegates(tiny_dir, capsys):
     assert json.loads(capsys.readouterr().out)
 
 
-def test_quickstart_recipe_is_shipped_and_valid(capsys):
-    assert (ROOT / "configs" / "quickstart.yaml").read_text() == QUICKSTART_YAML
-    recipe = load_recipe(QUICKSTART_YAML, check_paths=False)
+def test_quickstart_recipe_is_shipped_once_and_valid(capsys):
+    """One file: the package data that `spp-peft demo` reads; configs/quickstart.yaml links to it."""
+    packaged = ROOT / "spp_peft" / "recipe" / "quickstart.yaml"
+    assert (ROOT / "configs" / "quickstart.yaml").resolve() == packaged.resolve()
+    assert quickstart_yaml() == packaged.read_text()
+    recipe = load_recipe(quickstart_yaml(), check_paths=False)
     assert recipe.pruning.pattern == "2:4" and recipe.train.methods == ["spp", "lora_star"]
     assert cli.main(["demo", "--print-recipe", "--set", "train.max_steps=3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["train"]["max_steps"] == 3
 
 
-PAPER_LR = {"7b": 4e-3, "13b": 2e-3, "30b": 4e-3, "65b": 5e-4, "70b": 5e-4}
+@pytest.mark.parametrize("flags, expected", [
+    ([], False), (["--bf16"], True), (["--no-bf16"], False), (["--bf16", "false"], False), (["--bf16", "true"], True),
+])
+def test_bool_fields_are_bare_flags(flags, expected):
+    from spp_peft.training import TrainConfig
+
+    args = cli.build_parser().parse_args(["train", "--model", "m", "--output", "o", *flags])
+    assert cli.dataclass_from_flags(args, TrainConfig, "train").bf16 is expected
 
 
-def test_paper_recipes():
-    import importlib.util
+def test_bool_flag_values_are_checked(capsys):
+    from spp_peft.training import TrainConfig
 
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "configs" / "paper" / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
-    expected = generate.recipes()
-    files = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
-    assert {p.name: p.read_text() for p in files} == expected, "run configs/paper/generate.py"
-    assert len(files) == 7 * 2 * 4
-    for path in files:
-        recipe = load_recipe(str(path), check_paths=False)
-        size = path.stem.split("-")[-3] if path.stem.startswith("llama-2") else path.stem.split("-")[1]
-        assert recipe.train.lr == PAPER_LR[size], path.name
-        assert (recipe.train.r, recipe.train.alpha, recipe.train.epochs) == (16, 32, 3)
-        assert recipe.train.batch_size * recipe.train.grad_accum == 128 and recipe.data.cutoff_len == 512
-        assert recipe.train.warmup == 0.03 and recipe.train.weight_decay == 0.001
-        assert recipe.data.source == "vicgalle/alpaca-gpt4" and recipe.data.format == "alpaca"
-        assert recipe.pruning.method in ("wanda", "sparsegpt")
+    args = cli.build_parser().parse_args(["train", "--model", "m", "--output", "o", "--resume", "maybe"])
+    with pytest.raises(RecipeError, match="train.resume: expected bool"):
+        cli.dataclass_from_flags(args, TrainConfig, "train")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--model", "m", "--output", "o", "--no-resume", "true"])
+    assert "--no-resume takes no value" in capsys.readouterr().err
 
 
 def test_command_line_entry_point(tmp_path):
@@ -226,6 +204,9 @@ def test_command_line_entry_point(tmp_path):
     done = subprocess.run([*command, "keys"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "train.lr" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "spp_peft.cli", "keys"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "train.lr" in done.stdout, done.stderr
 
 
 @pytest.mark.slow

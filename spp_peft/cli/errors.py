@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Callable
 
-from spp_peft.errors import TrainingDiverged, UnreadableInput, is_read_failure, one_line
+from spp_peft.errors import RecipeError, TrainingDiverged, UnreadableInput, is_read_failure, one_line
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # an unexpected error: a bug, rerun with -v and report it
@@ -41,7 +41,6 @@ _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 def classify(err: BaseException) -> tuple[int, str]:
     """``(exit code, one-line message)`` for an exception raised by a command."""
-    from spp_peft.recipe import RecipeError
     from spp_peft.sparsity import SparsityViolation
 
     if _no_space(err):
@@ -86,7 +85,7 @@ def _raised_by_spp_peft(err: BaseException) -> bool:
         tb = tb.tb_next
     if tb is None:
         return False
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # spp_peft/, above cli/
     return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 

@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from spp_peft.errors import reading
+from spp_peft.errors import RecipeError, UnreadableInput, reading
 
 #: A layer name inside a decoder block (``model.layers.3.mlp.up_proj``, ``transformer.h.0.attn.c_attn``).
 _IN_BLOCK = re.compile(r"\.\d+\.")
@@ -27,15 +27,11 @@ def read_json(path: Path) -> dict:
     with reading(path):
         data = json.loads(path.read_bytes().decode("utf-8"))
     if not isinstance(data, dict):
-        from spp_peft.errors import UnreadableInput
-
         raise UnreadableInput(f"cannot read {path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
 def inspect_path(path: Path, max_rows: int) -> int:
-    from spp_peft.recipe import RecipeError
-
     if not path.exists():
         raise RecipeError(f"{path} does not exist")
     if (path / "report.json").is_file():
@@ -81,8 +77,6 @@ def _inspect_adapter(path: Path) -> int:
 
 def _load_state(path: Path) -> dict:
     from safetensors.torch import load_file
-
-    from spp_peft.recipe import RecipeError
 
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not files or any(f.suffix != ".safetensors" for f in files):

@@ -4,7 +4,6 @@ checked before any expensive work, never a traceback (unless -v / --debug), neve
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -12,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from spp_peft import cli
 
-from ._pipeline_fixtures import one_thread, save_dense, save_pruned_tiny  # noqa: F401 (one_thread: autouse)
+from ._recipes import tiny_recipe
+from .._pipeline_fixtures import one_thread, save_dense, save_pruned_tiny  # noqa: F401 (one_thread: autouse)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +43,7 @@ def fails(capsys, argv, code, *needles):
 
 
 def _recipe(path: Path, model, out, **changes) -> Path:
-    data = {
-        "name": "errors", "output_dir": str(out), "model": {"name_or_path": str(model)},
-        "pruning": {"method": "magnitude", "pattern": "2:4"},
-        "data": {"cutoff_len": 32, "max_samples": 8},
-        "train": {"methods": ["spp"], "max_steps": 1, "batch_size": 2, "r": 4, "progress": False},
-        "eval": {"seqlen": 32, "max_tokens": 64, "datasets": {"heldout": "builtin:heldout"}, "dense": False},
-        "report": {"plots": False},
-    }
-    for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        data[section][key] = value
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return tiny_recipe(path, model, out, name="errors", **{"eval__max_tokens": 64, "eval__dense": False, **changes})
 
 
 # ------------------------------------------------------------------------------------ bounded messages
@@ -139,7 +126,7 @@ def test_full_disk_while_saving(tiny_dir, tmp_path, capsys, monkeypatch):
 
 def test_classify_no_space_from_safetensors_and_unknown_errors():
     """safetensors' Rust writer says ENOSPC only in its text; other exceptions are bugs (exit 1)."""
-    from spp_peft.cli_errors import EXIT_FAILED, EXIT_IO, classify
+    from spp_peft.cli.errors import EXIT_FAILED, EXIT_IO, classify
 
     rust = type("SafetensorError", (Exception,), {})("Error while serializing: I/O error: No space left on "
                                                      "device (os error 28)")

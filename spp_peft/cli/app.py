@@ -1,0 +1,42 @@
+"""``main``: parse the command line, set up logging, and run one subcommand inside the error boundary."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional, Sequence
+
+from spp_peft.cli.commands import COMMANDS
+from spp_peft.cli.errors import guarded
+from spp_peft.cli.estimate import cmd_estimate
+from spp_peft.cli.parser import DEBUG_FLAGS, build_parser
+
+#: Subcommands that accept dotted recipe flags after the known ones.
+DOTTED = ("run", "demo")
+
+
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("spp_peft").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if quiet:  # -q means no progress bars, transformers' own ("Loading weights") included
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns its exit code (see :data:`~spp_peft.cli.errors.EXIT_CODES_HELP`)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    leading = 0
+    while leading < len(argv) and argv[leading] in DEBUG_FLAGS:
+        leading += 1
+    if argv[leading:leading + 1] == ["estimate"]:
+        rest = argv[leading + 1:]
+        debug = leading > 0 or any(a in DEBUG_FLAGS for a in rest)
+        return guarded("estimate", lambda: cmd_estimate([a for a in rest if a not in DEBUG_FLAGS]), debug)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in DOTTED:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _setup_logging(args.verbose, getattr(args, "quiet", False))
+    return guarded(args.command, lambda: COMMANDS[args.command](args, extra), debug=args.verbose)
