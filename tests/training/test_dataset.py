@@ -103,3 +103,16 @@ def test_trainer_batches_equal_the_hand_written_dataset_and_collator(pruned, tmp
                   data_collator=lambda batch: reference_padding(batch, tokenizer.pad_token_id))
     for got, expected in zip(new.get_train_dataloader(), old.get_train_dataloader(), strict=True):
         assert_same_batch(got, expected)
+
+
+def test_chat_records_from_a_jsonl_file_train_every_assistant_turn(tmp_path):
+    from ..data._chat_fixtures import CONVERSATIONS, smollm2_byte_tokenizer
+
+    tokenizer = smollm2_byte_tokenizer()
+    records = tmp_path / "chats.jsonl"
+    records.write_text("\n".join(json.dumps({"messages": m}) for m in CONVERSATIONS))
+    ds = T.build_dataset(tokenizer, T.DataConfig(source=str(records), format="chat", train_on_inputs=False,
+                                                 cutoff_len=4096))
+    for row, messages in zip(ds, CONVERSATIONS, strict=True):
+        trained = tokenizer.decode([label for label in row["labels"] if label != IGNORE_INDEX])
+        assert trained == "".join(m["content"] + "<|im_end|>\n" for m in messages if m["role"] == "assistant")
