@@ -1,6 +1,7 @@
 """Instruction records for supervised fine-tuning: loading them, and rendering them with the Alpaca prompt
 template or the tokenizer's chat template into ``input_ids`` / ``labels`` (the reference's
-``train_on_inputs`` option masks the prompt out of the loss)."""
+``train_on_inputs`` option masks the prompt out of the loss; in a conversation, everything but the assistant
+turns)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .text import hub_dataset_id, split_topics
+from .chat import ChatTokens, chat_tokens, end_with_eos, has_chat_template, token_ids
+from .text import eos_token_id, hub_dataset_id, split_topics
 
 #: What the training data look like: plain text for language modelling, or instruction records rendered
 #: with the Alpaca prompt template or the tokenizer's chat template.
@@ -112,51 +114,61 @@ def _require_fields(record: dict, names: Sequence[str]) -> None:
         raise ValueError(f"instruction record lacks field(s) {missing}; it has {sorted(record)}")
 
 
-def _ids(encoded) -> list[int]:
-    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); older versions a list.
-    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return list(ids)
-
-
 def tokenize_instruction(
     tokenizer, record: dict, fmt: str = "alpaca", cutoff_len: int = 512, train_on_inputs: bool = True,
-    add_eos: bool = True,
+    add_eos: Optional[bool] = None,
 ) -> dict:
     """Tokenize one instruction record for supervised fine-tuning.
 
-    ``"alpaca"``: prompt = :func:`alpaca_prompt`, then the output and (``add_eos``) the EOS token, as in
-    alpaca-lora. Prompt and response are tokenized separately and concatenated, so the boundary used by
-    ``train_on_inputs=False`` is exact. ``"chat"``: the tokenizer's chat template over
-    :func:`record_messages`; the prompt part is the template of all messages but the last with the
-    generation prompt.
+    ``"alpaca"``: prompt = :func:`alpaca_prompt`, then the output and the EOS token, as in alpaca-lora. Prompt
+    and response are tokenized separately and concatenated, so the boundary used by ``train_on_inputs=False``
+    is exact. ``"chat"``: the tokenizer's chat template over :func:`record_messages` (any number of turns).
 
-    With ``train_on_inputs=False`` the prompt tokens get label :data:`IGNORE_INDEX` (the loss covers the
-    response only), the reference's option. Sequences are cut to ``cutoff_len`` tokens.
+    With ``train_on_inputs=False`` only the response is in the loss (the reference's option): the Alpaca
+    output, or every assistant turn of a conversation (its content and end of turn, as TRL's
+    ``assistant_only_loss``; see :mod:`spp_peft.data.chat`); other tokens get label :data:`IGNORE_INDEX`.
+
+    ``add_eos``: ``None`` follows the format: Alpaca appends EOS (when the tokenizer has one), a chat is as its
+    template renders it (TRL adds no EOS to conversations: the template ends the turns). ``True`` appends EOS
+    where it is not already the last token (whitespace aside), and is refused when the tokenizer has none;
+    ``False`` appends nothing. Sequences are then cut to ``cutoff_len`` tokens.
 
     Returns:
         ``{"input_ids": [...], "labels": [...]}`` (lists of ints of equal length).
     """
     if fmt == "alpaca":
-        _require_fields(record, ("instruction", "output"))
-        prompt = _ids(tokenizer(alpaca_prompt(record["instruction"], record.get("input") or ""))["input_ids"])
-        response = _ids(tokenizer(record["output"], add_special_tokens=False)["input_ids"])
-        if add_eos and tokenizer.eos_token_id is not None:
-            response = response + [tokenizer.eos_token_id]
-        full = prompt + response
+        full, trained = _alpaca_tokens(tokenizer, record, add_eos)
     elif fmt == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("data format 'chat' needs a tokenizer with a chat template; use format 'alpaca'")
-        messages = record_messages(record)
-        full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
-        prompt = _ids(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True))
-        if full[: len(prompt)] != prompt:
-            raise ValueError("the chat template renders the conversation's prompt differently alone: cannot "
-                             "mask the inputs; use train_on_inputs=True or format 'alpaca'")
+        full, trained = _chat_tokens(tokenizer, record, train_on_inputs, add_eos)
     else:
         raise ValueError(f"tokenize_instruction: format must be 'alpaca' or 'chat', got {fmt!r}")
-    full = full[:cutoff_len]
-    labels = list(full)
-    if not train_on_inputs:
-        masked = min(len(prompt), len(full))
-        labels[:masked] = [IGNORE_INDEX] * masked
+    full, trained = full[:cutoff_len], trained[:cutoff_len]
+    labels = [t if keep or train_on_inputs else IGNORE_INDEX for t, keep in zip(full, trained)]
     return {"input_ids": full, "labels": labels}
+
+
+def _alpaca_tokens(tokenizer, record: dict, add_eos: Optional[bool]) -> tuple[list[int], list[int]]:
+    """The ids of prompt + response (+ EOS) and a 0/1 mask of the response."""
+    _require_fields(record, ("instruction", "output"))
+    prompt = token_ids(tokenizer(alpaca_prompt(record["instruction"], record.get("input") or ""))["input_ids"])
+    response = token_ids(tokenizer(record["output"], add_special_tokens=False)["input_ids"])
+    if add_eos is None:  # alpaca-lora's default, where the tokenizer has an EOS
+        add_eos = getattr(tokenizer, "eos_token_id", None) is not None
+    if add_eos:
+        response = response + [eos_token_id(tokenizer, "alpaca")]
+    return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+
+def _chat_tokens(tokenizer, record: dict, train_on_inputs: bool, add_eos: Optional[bool]):
+    """The ids of the rendered conversation and a 0/1 mask of its assistant turns."""
+    if not has_chat_template(tokenizer):
+        raise ValueError("data format 'chat' needs a tokenizer with a chat template; use format 'alpaca'")
+    messages = record_messages(record)
+    if train_on_inputs:  # every token is trained: no need to find (or be able to find) the turns
+        ids = token_ids(tokenizer.apply_chat_template(messages, tokenize=True))
+        tokens = ChatTokens(ids, [1] * len(ids))
+    else:
+        tokens = chat_tokens(tokenizer, messages)
+    if add_eos:
+        tokens = end_with_eos(tokenizer, messages, tokens)
+    return tokens.input_ids, tokens.assistant_mask

@@ -3,7 +3,7 @@
 Sections:
     * built-in offline text (:func:`builtin_text`, :func:`out_of_domain_text`): always available, no network;
     * generic text loading (:func:`load_texts`): built-in names, local files, hub datasets, lists of strings;
-    * tokenization helpers (:func:`tokenize`, :func:`token_stream`);
+    * tokenization helpers (:func:`tokenize`, :func:`token_stream`, :func:`append_eos`);
     * calibration data (:func:`calibration_windows`), sampled like Wanda's and SparseGPT's ``get_loaders``;
     * language-model training windows (:func:`lm_windows`).
 
@@ -192,6 +192,23 @@ def load_texts(source: TextSource, text_field: str = "text") -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ tokenization
+
+
+def eos_token_id(tokenizer, fmt: str) -> int:
+    """The tokenizer's EOS token id, which ``add_eos`` appends; a clear refusal when there is none."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(f"data.add_eos: the tokenizer has no EOS token to end the {fmt!r} examples with; "
+                         "set add_eos to false")
+    return int(eos)
+
+
+def append_eos(tokenizer, texts: Sequence[str]) -> list[str]:
+    """Each document ending with the tokenizer's EOS token (appended where it does not already), as TRL's
+    ``SFTTrainer`` ends language-modelling texts: the model learns where a document stops."""
+    eos_token_id(tokenizer, "text")
+    eos = tokenizer.eos_token
+    return [text if text.endswith(eos) else text + eos for text in texts]
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

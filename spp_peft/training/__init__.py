@@ -5,7 +5,7 @@ Methods (all trained on the same data with the same budget, so that comparisons 
 as it is); see :mod:`.methods` and :mod:`.baselines`.
 
     config.py       DataConfig, TrainConfig (checked when built), METHODS; light, the recipe's schema
-    dataset.py      training examples (text windows or instruction records) and their padding
+    dataset.py      training examples (a datasets.Dataset of text windows or instruction records), the collator
     baselines.py    the LoRA baselines: MaskedLoraVariant, the LoRA* re-mask
     methods.py      per method: prepare_model, save_adapter, read_method, load_trained, merge
     checkpoints.py  the run-settings record, resume from the newest complete checkpoint
@@ -25,7 +25,7 @@ _PUBLIC = {
     "TrainConfig": "config",
     "check_method": "config",
     "TokenDataset": "dataset",
-    "PadCollator": "dataset",
+    "data_collator": "dataset",
     "build_dataset": "dataset",
     "MASK_BUFFER": "baselines",
     "MaskedLoraVariant": "baselines",

@@ -41,9 +41,17 @@ class DataConfig:
         default=256, metadata={"help": "Tokens per training window (text) or maximum sequence length (instructions)."}
     )
     train_on_inputs: bool = field(
-        default=True, metadata={"help": "Instruction formats: include the prompt tokens in the loss (reference default)."}
+        default=True,
+        metadata={"help": "Instruction formats: include the prompt tokens in the loss (reference default); false "
+                          "trains the response only: the Alpaca output, or every assistant turn of a chat (TRL's "
+                          "assistant_only_loss)."},
     )
-    add_eos: bool = field(default=True, metadata={"help": "Instruction formats: end each response with EOS."})
+    add_eos: Optional[bool] = field(
+        default=None,
+        metadata={"help": "End each example with the tokenizer's EOS where it does not already: each document "
+                          "(text), each response (alpaca), each conversation (chat). null = the format's convention: "
+                          "alpaca yes, text no (the WikiText protocol), chat as its template renders it."},
+    )
     max_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep at most this many windows / records (None = all)."}
     )

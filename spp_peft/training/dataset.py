@@ -1,41 +1,38 @@
-"""Training examples for the ``Trainer``: text windows or tokenized instruction records, and their padding."""
+"""Training examples for the ``Trainer``: text windows or tokenized instruction records in a ``datasets.Dataset``,
+padded by transformers' ``DataCollatorForSeq2Seq``."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
 
-import torch
+import datasets
+import pyarrow.compute as pc
+from transformers import DataCollatorForSeq2Seq
 
 from spp_peft import data as spp_data
 
 from .config import DataConfig
 
 
-class TokenDataset(torch.utils.data.Dataset):
-    """A list of ``{"input_ids", "labels"}`` examples (lists or 1-D tensors) for the ``Trainer``."""
-
-    def __init__(self, examples: Sequence[dict]):
-        self.examples = list(examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.examples[index]
+class TokenDataset(datasets.Dataset):
+    """A ``datasets.Dataset`` of ``input_ids`` / ``labels`` rows (lists of ints) that knows its token count."""
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(e["input_ids"]) for e in self.examples)
+        return int(pc.sum(pc.list_value_length(self.data.column("input_ids"))).as_py() or 0)
 
 
 def build_dataset(tokenizer, data: DataConfig) -> TokenDataset:
     """The training examples described by ``data`` (see :class:`DataConfig`)."""
     data.validate()
     if data.format == "text":
-        windows = spp_data.lm_windows(tokenizer, spp_data.load_texts(data.source, data.text_field), data.cutoff_len)
+        texts = spp_data.load_texts(data.source, data.text_field)
+        if data.add_eos:
+            texts = spp_data.append_eos(tokenizer, texts)
+        windows = spp_data.lm_windows(tokenizer, texts, data.cutoff_len)
         if data.max_samples is not None:
             windows = windows[: data.max_samples]
-        examples = [{"input_ids": w, "labels": w} for w in windows]
+        examples = [{"input_ids": w, "labels": w} for w in windows.tolist()]
     else:
         records = spp_data.load_records(data.source, data.max_samples)
         examples = [
@@ -47,31 +44,16 @@ def build_dataset(tokenizer, data: DataConfig) -> TokenDataset:
         examples = [e for e in examples if any(label != spp_data.IGNORE_INDEX for label in e["labels"][1:])]
     if not examples:
         raise ValueError(f"no training examples from data.source={data.source!r} (format {data.format!r})")
-    return TokenDataset(examples)
+    return TokenDataset.from_list(examples)
 
 
-class PadCollator:
-    """Right-pads a batch: ``input_ids`` with the pad id, ``labels`` with -100, plus the attention mask."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = int(pad_token_id)
-
-    def __call__(self, batch: Sequence[dict]) -> dict:
-        length = max(len(e["input_ids"]) for e in batch)
-        ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), length), spp_data.IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for i, example in enumerate(batch):
-            n = len(example["input_ids"])
-            ids[i, :n] = torch.as_tensor(example["input_ids"])
-            labels[i, :n] = torch.as_tensor(example["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def pad_id(tokenizer) -> int:
-    """The tokenizer's pad token, else its EOS token, else 0."""
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+def data_collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """transformers' padding of ``input_ids`` / ``labels`` (with -100) / ``attention_mask``, always on the right
+    as TRL pads for training (a tokenizer set to pad left for generation is left as it is), with the EOS token
+    as padding where the tokenizer has no pad token."""
+    if tokenizer.padding_side != "right" or tokenizer.pad_token is None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=spp_data.IGNORE_INDEX, return_tensors="pt")

@@ -23,7 +23,7 @@ from spp_peft._utils import atomic_write_file, exclusive
 
 from .checkpoints import _finished_state, _load_adapter_weights, _prepare_checkpoints, _run_identity
 from .config import TrainConfig, check_method
-from .dataset import PadCollator, TokenDataset, pad_id
+from .dataset import TokenDataset, data_collator
 from .methods import save_adapter
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_descripti
         model=model,
         args=training_arguments(cfg, ckpt_dir, lr),
         train_dataset=dataset,
-        data_collator=PadCollator(pad_id(tokenizer)),
+        data_collator=data_collator(tokenizer),
         callbacks=[*(callbacks or []), DivergenceGuard()],
     )
     resume = _prepare_checkpoints(ckpt_dir, _run_identity(method, cfg, lr, dataset, data_description), cfg.resume)
