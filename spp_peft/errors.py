@@ -48,6 +48,11 @@ class TrainingDiverged(RuntimeError):
     """Training produced non-finite adapter weights; they were not saved."""
 
 
+class CheckpointMismatch(FileExistsError):
+    """A training output folder holds checkpoints this run would not continue (a run of other settings, or
+    resuming is off) and ``overwrite`` was not given: nothing was deleted."""
+
+
 def describe_cause(err: BaseException) -> str:
     """A short, one-line account of why reading failed (the exception's own text, bounded)."""
     if isinstance(err, UnicodeDecodeError):

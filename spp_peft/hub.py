@@ -18,65 +18,122 @@ import torch
 from torch import nn
 
 CARD_HEADING = "## SPP adapter (sparsity-preserved)"
+#: The last section of the cards spp-peft starts: PEFT adds its version under it, new sections go above it.
+VERSIONS_HEADING = "## Versions"
+#: Hub tags of every SPP adapter (the sparsity pattern, e.g. ``2:4``, is added per adapter).
+CARD_TAGS = ("spp", "sparse", "pruned", "sparsity-preserved")
+
+_LOADING = """### Use it
+
+```bash
+pip install spp-peft
+```
+
+PEFT knows SPP once `spp_peft` is imported (without it PEFT raises `KeyError: 'SPP'`):
+
+```python
+import spp_peft  # registers SPP with PEFT
+from peft import PeftModel
+model = PeftModel.from_pretrained(pruned_base_model, adapter_path)
+merged = model.merge_and_unload()  # same zero pattern as the pruned base
+# or, without the import line: model = spp_peft.load_adapter(pruned_base_model, adapter_path)
+```
+
+For tools that load adapters themselves (lm-eval's `peft=`, `AutoPeftModelForCausalLM`, `pipeline`), run
+`spp-peft autoload enable` once: a start-up hook (module `spp_peft.autoload`) registers SPP in every Python
+of this environment, no import needed; `spp-peft autoload disable` removes it.
+
+The adapter records fingerprints of the base's zero masks and refuses a base with different masks."""
 
 
 def model_card_section(peft_model) -> Optional[str]:
     """The markdown section describing the SPP adapters of ``peft_model`` (None if it has none)."""
-    from ._utils.tensors import numel
+    configs = _spp_configs(peft_model)
+    if not configs:
+        return None
+    return "\n".join([
+        CARD_HEADING, "",
+        "An [SPP](https://arxiv.org/abs/2405.16057) adapter (Lu et al., ICML 2024) made with `spp-peft`. SPP "
+        "scales the pruned base weights, `W' = W * (1 + s * B A)`, so merging it keeps every zero of the base: "
+        "the merged model has exactly the base's sparsity.", "",
+        *[line for name, config in configs.items() for line in _adapter_lines(name, config)], "",
+        _LOADING,
+    ])
+
+
+def _spp_configs(peft_model) -> dict:
     from .tuner._registration import spp_peft_type
 
-    sections = []
-    for name, config in peft_model.peft_config.items():
-        if getattr(config, "peft_type", None) != spp_peft_type():
-            continue
-        masks = config.base_masks or {}
-        total = sum(numel(rec["shape"]) for rec in masks.values())
-        zeros = sum(rec["sparsity"] * numel(rec["shape"]) for rec in masks.values())
-        patterns = sorted({rec["pattern"] for rec in masks.values()})
-        lines = [
-            f"- adapter `{name}`: r={config.r}, spp_alpha={config.spp_alpha} (s={config.scaling:g}), "
-            f"{len(masks)} target modules ({', '.join(sorted(_short_names(masks)))})",
-            f"- base sparsity over the target modules: {zeros / total:.2%}, pattern(s): {', '.join(patterns)}"
-            if total else "- base sparsity: unknown (no target recorded)",
-        ]
-        if config.base_pruning:
-            described = ", ".join(f"{k}={v}" for k, v in config.base_pruning.items() if not isinstance(v, dict))
-            lines.append(f"- base pruned with: {described}")
-        sections.append("\n".join(lines))
-    if not sections:
-        return None
-    return "\n".join(
-        [
-            CARD_HEADING,
-            "",
-            "This is an [SPP](https://arxiv.org/abs/2405.16057) adapter (Lu et al., ICML 2024) made with "
-            "`spp-peft`. SPP scales the pruned base weights, `W' = W * (1 + s * B A)`, so merging it keeps "
-            "every zero of the base: the merged model has exactly the base's sparsity.",
-            "",
-            *sections,
-            "",
-            "Loading needs `import spp_peft` first (it registers SPP with PEFT; without it PEFT raises "
-            "`KeyError: 'SPP'`), or use `spp_peft.load_adapter(model, path)`. The adapter records fingerprints "
-            "of the base's zero masks and refuses a base with different masks.",
-            "",
-            "```python",
-            "import spp_peft",
-            "from peft import PeftModel",
-            "model = PeftModel.from_pretrained(pruned_base_model, adapter_path)",
-            "merged = model.merge_and_unload()  # same zero pattern as the pruned base",
-            "```",
-        ]
-    )
+    return {name: config for name, config in peft_model.peft_config.items()
+            if getattr(config, "peft_type", None) == spp_peft_type()}
+
+
+def _adapter_lines(name: str, config) -> list[str]:
+    """The adapter and how its base was pruned: a summary, never the list of layers (hundreds of names)."""
+    from ._utils.tensors import numel
+
+    masks = config.base_masks or {}
+    total = sum(numel(rec["shape"]) for rec in masks.values())
+    zeros = sum(rec["sparsity"] * numel(rec["shape"]) for rec in masks.values())
+    lines = [f"- adapter `{name}`: r={config.r}, spp_alpha={config.spp_alpha} (s={config.scaling:g}), "
+             f"{len(masks)} target modules ({', '.join(sorted(_short_names(masks)))})",
+             f"- base sparsity over the target modules: {zeros / total:.2%}, pattern(s): {', '.join(_patterns(config))}"
+             if total else "- base sparsity: unknown (no target recorded)"]
+    pruning = config.base_pruning or {}
+    if pruning:
+        layers = pruning.get("pruned_layers")
+        sparsity = pruning.get("sparsity")
+        lines.append(f"- base pruned with {pruning.get('method', 'an unknown method')}"
+                     + (f" to {sparsity:.0%} sparsity" if isinstance(sparsity, (int, float)) else "")
+                     + (f", pattern {pruning['pattern']}" if pruning.get("pattern") else "")
+                     + (f", {len(layers)} layers" if isinstance(layers, list) else ""))
+    return lines
+
+
+def _patterns(config) -> list[str]:
+    return sorted({rec["pattern"] for rec in (config.base_masks or {}).values()})
 
 
 def _short_names(masks: dict) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name in masks}
 
 
+def _card_metadata(card, peft_model) -> None:
+    """Hub metadata of an SPP adapter in ``card.data``: the SPP tags and pattern(s), and ``base_model`` when
+    known (PEFT writes an empty one, and an empty ``base_model:adapter:`` tag, for an unnamed base)."""
+    configs = _spp_configs(peft_model).values()
+    base = card.data.base_model or next((c.base_model_name_or_path for c in configs if c.base_model_name_or_path),
+                                        None)
+    tags = {tag for tag in card.data.tags or [] if tag != "base_model:adapter:"}
+    tags |= {*CARD_TAGS, *(p for c in configs for p in _patterns(c) if p != "unstructured")}
+    if base:
+        tags.add(f"base_model:adapter:{base}")
+    card.data.base_model = base or None
+    card.data.tags = sorted(tags)
+
+
+def _new_card(path: str, peft_model) -> None:
+    """Start the card of a new adapter folder from a short template (PEFT's default is 5,000 characters of
+    "More Information Needed"); PEFT then fills in its metadata and version."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from . import __version__
+    from ._utils import atomic_write_file
+
+    name = getattr(getattr(peft_model, "config", None), "_name_or_path", None)  # PEFT's base_model source
+    title = f"# SPP adapter for a pruned {name}" if name else "# SPP adapter for a pruned model"
+    text = f"{title}\n\n{VERSIONS_HEADING}\n\n### Framework versions\n\n- spp-peft {__version__}\n"
+    atomic_write_file(path, ModelCard.from_template(ModelCardData(library_name="peft"), template_str=text).content)
+
+
 def replace_section(text: str, heading: str, section: str) -> str:
     """``text`` (a model card) with the section under ``heading`` replaced by ``section`` (which starts with
-    ``heading``), or ``section`` appended: saving again into the same folder never repeats a section."""
+    ``heading``), or ``section`` added above :data:`VERSIONS_HEADING` (at the end without one): saving again
+    into the same folder never repeats a section."""
     if heading not in text:
+        head, versions, tail = text.partition("\n" + VERSIONS_HEADING + "\n")
+        if versions:
+            return head.rstrip("\n") + "\n\n" + section + "\n\n" + versions.lstrip("\n") + tail
         return text.rstrip("\n") + "\n\n" + section + "\n"
     head, _, tail = text.partition(heading)
     rest = tail.split("\n## ", 1)
@@ -131,7 +188,7 @@ def write_training_card(path, info: dict, adapter_name: str) -> None:
 
 
 def install_model_card_hook() -> None:
-    """Extend ``PeftModel.create_or_update_model_card`` with the SPP section (idempotent)."""
+    """Extend ``PeftModel.create_or_update_model_card`` with the SPP section and hub metadata (idempotent)."""
     from peft import PeftModel
 
     original = PeftModel.create_or_update_model_card
@@ -139,15 +196,29 @@ def install_model_card_hook() -> None:
         return
 
     def create_or_update_model_card(self, output_dir: str):
-        original(self, output_dir)
         section = model_card_section(self)
-        if section is None:
-            return
-        write_card_section(os.path.join(output_dir, "README.md"), CARD_HEADING, section)
+        path = os.path.join(output_dir, "README.md")
+        if section is not None and not os.path.exists(path):
+            _new_card(path, self)
+        original(self, output_dir)
+        if section is not None:
+            _update_card(path, self, section)
 
     create_or_update_model_card._spp_wrapped = True
     create_or_update_model_card.__doc__ = original.__doc__
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+def _update_card(path: str, peft_model, section: str) -> None:
+    """The SPP section and metadata into the card PEFT just wrote at ``path``, atomically."""
+    from huggingface_hub import ModelCard
+
+    from ._utils import atomic_write_file
+
+    card = ModelCard.load(path)
+    _card_metadata(card, peft_model)
+    card.text = replace_section(card.text, CARD_HEADING, section)
+    atomic_write_file(path, card.content)
 
 
 def load_adapter(

@@ -63,12 +63,24 @@ class EvalSet(_Record):
 
 @dataclass
 class Budget(_Record):
-    """The fine-tuning budget, identical for every method (batch_size counts gradient accumulation)."""
+    """The fine-tuning budget, identical for every method (batch_size counts gradient accumulation).
+
+    Only the setting that governs is recorded, as ``TrainingArguments`` reads them: ``steps`` when
+    ``max_steps > 0`` (``epochs`` is then null: it was ignored), else ``epochs`` (``steps`` null). The steps
+    each method ran are in its ``training.steps``.
+    """
 
     steps: Optional[int] = None
     epochs: Optional[float] = None
     batch_size: Optional[int] = None
     seqlen: Optional[int] = None
+
+    @classmethod
+    def governing(cls, max_steps: int, epochs: float, batch_size: int, seqlen: int) -> "Budget":
+        """The budget of a ``train:`` section: ``max_steps > 0`` overrides ``epochs``."""
+        by_steps = max_steps > 0
+        return cls(steps=max_steps if by_steps else None, epochs=None if by_steps else epochs,
+                   batch_size=batch_size, seqlen=seqlen)
 
 
 @dataclass

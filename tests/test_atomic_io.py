@@ -374,6 +374,7 @@ def test_train_output_is_a_resume_only_with_the_same_settings(tmp_path):
     assert T.is_resume(tmp_path, "spp", cfg, data=data)
     assert T.is_resume(tmp_path, "spp", T.TrainConfig(r=4, lr=1e-3, progress=True, save_steps=5), data=data)
     assert not T.is_resume(tmp_path, "spp", T.TrainConfig(r=4, lr=2e-3), data=data)
+    assert T.is_resume(tmp_path, "spp", T.TrainConfig(r=4, lr=1e-3, max_steps=9, epochs=5), data=data)  # budget
     assert not T.is_resume(tmp_path, "lora_star", cfg, data=data)
     assert not T.is_resume(tmp_path, "spp", T.TrainConfig(r=4, lr=1e-3, resume=False), data=data)
     assert not T.is_resume(tmp_path / "nothing", "spp", cfg, data=data)
@@ -536,8 +537,11 @@ def test_run_refuses_a_folder_holding_another_run(tiny_dir, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert str(out) in err and "--overwrite" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    # The same recipe again is a resume: allowed (checked here without running it).
+    # The same recipe again is a resume: allowed (checked here without running it); so is a larger budget.
     P.check_output_dir(first, overwrite=False)
+    grown = copy.deepcopy(first)
+    grown.train.max_steps, grown.train.epochs = 3, 5.0
+    P.check_output_dir(grown, overwrite=False)
     with pytest.raises(FileExistsError):
         P.check_output_dir(load_recipe_file(tmp_path / "b.yaml"), overwrite=False)
     P.check_output_dir(load_recipe_file(tmp_path / "b.yaml"), overwrite=True)

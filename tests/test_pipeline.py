@@ -66,6 +66,12 @@ def test_run_end_to_end(tiny_dir, tmp_path):
     expected = json.loads(json.dumps(results.to_dict()))
     del expected["report"], expected["timings"]["report"], expected["cpu_seconds"]["report"]
     assert saved == expected and list(saved) == list(expected)
+    # The budget that ran (max_steps overrode epochs) and the versions the numbers come from.
+    assert saved["budget"]["steps"] == 2 and saved["budget"]["epochs"] is None
+    for name in ("spp_peft", "torch", "transformers", "peft", "accelerate", "datasets", "lm_eval", "trl",
+                 "bitsandbytes"):
+        assert name in saved["environment"], name
+    assert saved["environment"]["spp_peft"] and saved["environment"]["accelerate"]
     assert P.RunResults.from_dict(saved).to_dict() == saved
     assert "SPP" in lines[-3] or any(line.startswith("SPP") for line in "\n".join(lines).splitlines())
     # The exported models: safetensors, sparsity metadata, the pruned base's zeros.

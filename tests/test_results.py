@@ -48,3 +48,11 @@ def test_a_partial_dict_and_model_results():
     assert data["perplexity"] == {"x": {"pruned": 5.0, "spp": 4.0, "none": 5.0}}
     assert data["verified"] == {"spp": {"ok": True, "layers": 2, "message": "ok"}}
     assert data["export"] == {"spp": "/out"} and data["zero_shot"] == {} and data["training"] == {}
+
+
+def test_the_budget_records_the_setting_that_governs():
+    from spp_peft.results import Budget
+
+    # max_steps > 0 overrides epochs, as in TrainingArguments: the ignored epochs are not reported as run.
+    assert Budget.governing(4, 3.0, 8, 256) == Budget(steps=4, epochs=None, batch_size=8, seqlen=256)
+    assert Budget.governing(-1, 3.0, 8, 256) == Budget(steps=None, epochs=3.0, batch_size=8, seqlen=256)

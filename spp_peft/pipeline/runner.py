@@ -61,7 +61,7 @@ def run(
 
     check_recipe_model(recipe)  # targets and r against the model's skeleton: before anything is written
     out = check_output_dir(recipe, overwrite)
-    current = _Run(recipe, out, show_progress, echo or (lambda _msg: None))
+    current = _Run(recipe, out, show_progress, echo or (lambda _msg: None), overwrite)
     with claim_output_dir(recipe, overwrite), log_to(out / "run.log"):
         logger.debug("run %s: recipe %s", recipe.name, json.dumps(recipe.to_dict()))
         base = _load_stage(current)
@@ -81,6 +81,7 @@ class _Run:
     out: Path
     show_progress: bool
     say: Callable[[str], None]
+    overwrite: bool = False  # also lets training replace checkpoints it would not continue
     start: float = field(default_factory=time.perf_counter)
     results: RunResults = field(init=False)
     steps: int = field(init=False)
@@ -92,8 +93,8 @@ class _Run:
         self.results = RunResults(
             name=recipe.name, model=recipe.model.name_or_path, output_dir=str(self.out), recipe=recipe.to_dict(),
             environment=environment(),
-            budget=Budget(steps=train.max_steps, epochs=train.epochs, batch_size=train.batch_size * train.grad_accum,
-                          seqlen=recipe.data.cutoff_len))
+            budget=Budget.governing(train.max_steps, train.epochs, train.batch_size * train.grad_accum,
+                                    recipe.data.cutoff_len))
         self.steps = 4 + len([m for m in train.methods if m != "none"])
 
     def headline(self, text: str) -> None:
@@ -219,7 +220,7 @@ def _train(current: _Run, base: _Base, method: str):
     with current.timed(f"train {method}"):
         peft_model = prepare_model(copy.deepcopy(base.model), method, cfg)
         trained = train(peft_model, base.tokenizer, method, current.dataset, cfg, current.out / method, lr=lr,
-                        data_description=dataclasses.asdict(recipe.data))
+                        data_description=dataclasses.asdict(recipe.data), overwrite=current.overwrite)
     return peft_model, trained
 
 

@@ -95,16 +95,33 @@ def zero_shot(model: nn.Module, tokenizer, section) -> Optional[dict[str, float]
                              include_path=include_path, include_defaults=not only_files)
 
 
+#: Distributions whose version a run's numbers may depend on: reported as null when not installed.
+_VERSIONED = ("accelerate", "datasets", "huggingface_hub", "lm_eval", "trl", "bitsandbytes")
+
+
 def environment() -> dict:
-    """The versions and hardware a run's numbers come from."""
+    """The versions and hardware a run's numbers come from (the optional libraries: null when not installed;
+    read from their metadata, so none is imported for it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import peft
     import transformers
 
+    import spp_peft
+
+    def installed(name: str) -> Optional[str]:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
     return {
         "python": platform.python_version(),
+        "spp_peft": spp_peft.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        **{name: installed(name) for name in _VERSIONED},
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from spp_peft._utils import atomic_write_file, exclusive
 
-from .checkpoints import _finished_state, _load_adapter_weights, _prepare_checkpoints, _run_identity
+from .checkpoints import ResumeFrom, _finished_state, _load_adapter_weights, _prepare_checkpoints, _run_identity
 from .config import TrainConfig, check_method
 from .dataset import TokenDataset, data_collator
 from .methods import save_adapter
@@ -114,28 +114,46 @@ def train(
     lr: Optional[float] = None,
     data_description: Optional[dict] = None,
     callbacks: Optional[list] = None,
+    resume_from_checkpoint: ResumeFrom = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Fine-tune a model prepared by :func:`~spp_peft.training.prepare_model` with transformers' ``Trainer``.
 
-    Writes under ``output_dir``: ``checkpoints/`` (every ``cfg.save_steps`` steps; with ``cfg.resume`` a
-    later call continues from the newest one), ``adapter/`` (the final adapter, its model card and
-    :data:`~spp_peft.training.METHOD_FILE`) and ``train_log.json`` (the Trainer's log history).
+    Writes under ``output_dir``: ``checkpoints/`` (every ``cfg.save_steps`` steps), ``adapter/`` (the final
+    adapter, its model card and :data:`~spp_peft.training.METHOD_FILE`) and ``train_log.json`` (the Trainer's
+    log history).
+
+    Resume (:mod:`~spp_peft.training.checkpoints`): with ``cfg.resume`` a later call of the same settings
+    continues from the newest checkpoint. Settings equal up to the budget (``max_steps``, ``epochs``) count
+    as the same: a grown budget continues the run and keeps every checkpoint; a finished run loads its last
+    checkpoint without training again.
 
     Args:
         lr: learning rate for this method (defaults to ``cfg.lr``).
         data_description: recorded in ``METHOD_FILE`` and the model card (e.g. the data config).
         callbacks: extra ``transformers.TrainerCallback`` objects.
+        resume_from_checkpoint: as Trainer's: None (``cfg.resume`` decides), True (the last checkpoint of
+            ``output_dir``, which must exist; even with ``cfg.resume`` off) or the path of a checkpoint folder
+            (from any run of compatible settings).
+        overwrite: delete the checkpoints in ``output_dir`` that this run would not continue (a run of other
+            settings, or resuming off) and start afresh; without it they are refused. A run of the same
+            settings still resumes.
 
     Raises:
         OutputBusyError: another training is writing into ``output_dir`` right now.
+        CheckpointMismatch: ``output_dir`` holds checkpoints this run would not continue, and no
+            ``overwrite`` (nothing was deleted).
+        ValueError: ``resume_from_checkpoint`` is a checkpoint of other settings, or past the budget.
         TrainingDiverged: a trainable weight became NaN or inf (nothing is saved).
     """
     check_method(method)
     with exclusive(output_dir) as out:
-        return _train(model, tokenizer, method, dataset, cfg, out, lr, data_description, callbacks)
+        resume = dict(resume_from=resume_from_checkpoint, overwrite=overwrite)
+        return _train(model, tokenizer, method, dataset, cfg, out, lr, data_description, callbacks, resume)
 
 
-def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_description, callbacks) -> TrainResult:
+def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_description, callbacks,
+           resume_args: dict) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     lr = cfg.lr if lr is None else float(lr)
     if method == "none":
@@ -149,7 +167,9 @@ def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_descripti
         data_collator=data_collator(tokenizer),
         callbacks=[*(callbacks or []), DivergenceGuard()],
     )
-    resume = _prepare_checkpoints(ckpt_dir, _run_identity(method, cfg, lr, dataset, data_description), cfg.resume)
+    identity = _run_identity(method, cfg, lr, dataset, data_description)
+    budget = _budget_steps(trainer, cfg)
+    resume = _prepare_checkpoints(ckpt_dir, identity, cfg.resume, budget_steps=budget, **resume_args)
     if resume:
         logger.info("%s: resuming from %s", method, resume)
     logger.info(
@@ -158,7 +178,7 @@ def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_descripti
         cfg.max_steps if cfg.max_steps > 0 else f"{cfg.epochs:g} epoch(s) of", cfg.batch_size, cfg.grad_accum,
     )
     start = time.perf_counter()
-    steps, history = _run_trainer(trainer, model, resume)
+    steps, history = _run_trainer(trainer, model, resume, budget)
     seconds = time.perf_counter() - start
     model.eval()
     _check_finite(model, method, lr, steps)
@@ -169,9 +189,16 @@ def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_descripti
     return result
 
 
-def _run_trainer(trainer: Trainer, model: nn.Module, resume: Optional[str]) -> tuple[int, list[dict]]:
-    """Train (from ``resume`` if given); the steps done and the log history."""
-    finished = _finished_state(resume) if resume else None
+def _budget_steps(trainer: Trainer, cfg: TrainConfig) -> int:
+    """The optimizer steps this run is to end at, counted as the Trainer counts them."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return int(trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1])
+
+
+def _run_trainer(trainer: Trainer, model: nn.Module, resume: Optional[str], budget: int) -> tuple[int, list[dict]]:
+    """Train (from ``resume`` if given) to ``budget`` steps; the steps done and the log history."""
+    finished = _finished_state(resume, budget) if resume else None
     if finished is not None:
         # The checkpoint is the end of this very run: load it. (Trainer would run one step past max_steps.)
         _load_adapter_weights(model, resume)

@@ -75,8 +75,9 @@ def test_changed_settings_do_not_resume_old_checkpoints(pruned, dataset, tmp_pat
     cfg = T.TrainConfig(**CFG, max_steps=2, save_steps=2)
     T.train(T.prepare_model(copy.deepcopy(base), "spp", cfg), tokenizer, "spp", dataset, cfg, tmp_path)
     other = T.TrainConfig(**{**CFG, "lr": 5e-2}, max_steps=2, save_steps=2)
+    # Refused without overwrite (tests/training/test_checkpoints.py); with it, a fresh start.
     again = T.train(T.prepare_model(copy.deepcopy(base), "spp", other), tokenizer, "spp", dataset, other, tmp_path,
-                    lr=5e-2)
+                    lr=5e-2, overwrite=True)
     assert again.resumed_from is None and again.steps == 2
 
 

@@ -58,6 +58,44 @@ def test_model_card_describes_the_sparse_adapter(tmp_path):
     assert card.count("## SPP adapter") == 1
 
 
+def test_model_card_of_a_deep_model_is_short_with_hub_metadata(tmp_path):
+    """SmolLM2's card once listed all 210 pruned layers (7,416 characters on one line): now one summary line,
+    the install and loading instructions, and hub metadata (tags, base_model) in the YAML header."""
+    from huggingface_hub import ModelCard
+
+    from spp_peft.pruning import attach_metadata, prune
+    from spp_peft.testing import tiny_llama
+
+    base = tiny_llama(hidden_size=32, num_layers=30, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    attach_metadata(base, prune(base, method="magnitude", pattern="2:4", show_progress=False))
+    assert len(base.config.spp_pruning["pruned_layers"]) == 210
+    base.config._name_or_path = "HuggingFaceTB/SmolLM2-135M"
+    model = get_peft_model(base, SPPConfig(target_modules=MODEL_TARGETS["llama"], r=4, spp_alpha=8))
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert len(text) < 3000, len(text)
+    assert "layers.29" not in text and "210 layers" in text and "magnitude" in text
+    for needle in ("pip install spp-peft", "import spp_peft", "spp_peft.load_adapter", "spp-peft autoload enable",
+                   "spp_peft.autoload", "KeyError: 'SPP'"):
+        assert needle in text, needle
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    assert {"spp", "sparse", "pruned", "sparsity-preserved", "2:4"} <= set(card.data.tags)
+    assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M" in card.data.tags
+    # Saving again (and adding the training section) keeps one copy of each section and each tag.
+    from spp_peft.hub import write_training_card
+
+    info = {"method": "spp", "lr": 1e-2, "train": {"r": 4, "alpha": 8, "target_modules": ["q_proj"],
+            "lr_scheduler": "linear", "warmup": 0.0, "weight_decay": 0.0, "batch_size": 2, "grad_accum": 1}}
+    write_training_card(tmp_path / "README.md", info, "adapter")
+    model.save_pretrained(tmp_path)
+    again = ModelCard.load(tmp_path / "README.md")
+    for heading in ("## SPP adapter", "## Training (spp-peft)", "### Framework versions", "- PEFT "):
+        assert again.text.count(heading) == 1, heading
+    assert sorted(again.data.tags) == sorted(set(again.data.tags)) == sorted(card.data.tags)
+    assert again.text.index("## SPP adapter") < again.text.index("## Training") < again.text.index("- PEFT ")
+
+
 def test_from_pretrained_gives_identical_logits(tmp_path):
     model = trained_llama(tmp_path)
     inputs = inputs_for("llama")
