@@ -116,12 +116,15 @@ def cmd_train(args, extra) -> int:
     check_source(data.source, "--data", "text" if data.format == "text" else "records")
     check_adapter_targets(model_skeleton(args.model), cfg.target_modules, "train.target_modules",
                           cfg.r if args.method == "spp" else None)
-    _output(args.output, args.overwrite or is_resume(args.output, args.method, cfg, data=dataclasses.asdict(data)))
+    resume = args.resume_from_checkpoint
+    _output(args.output, args.overwrite or is_resume(args.output, args.method, cfg, data=dataclasses.asdict(data),
+                                                     resume_from_checkpoint=resume))
     model, tokenizer = _load_model(args.model)
     dataset = build_dataset(tokenizer, data)
     peft_model = prepare_model(model, args.method, cfg)
     result = train(peft_model, tokenizer, args.method, dataset, cfg, args.output,
-                   data_description=dataclasses.asdict(data))
+                   data_description=dataclasses.asdict(data), resume_from_checkpoint=resume,
+                   overwrite=args.overwrite)
     summary = result.summary()
     print(f"{args.method}: {summary['steps']} steps, loss {summary['first_loss']} -> {summary['final_loss']}, "
           f"{summary['seconds']:.0f} s; adapter saved to {result.adapter_dir}")

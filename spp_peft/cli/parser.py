@@ -147,6 +147,9 @@ def _add_train(add) -> None:
                   "Write into a non-empty --output (a rerun with the same settings resumes without it).")
     add_dataclass_flags(p, DataConfig, "data", rename={"source": "data"})
     add_dataclass_flags(p, TrainConfig, "train")
+    p.add_argument("--resume-from-checkpoint", "--resume_from_checkpoint", nargs="?", const=True, default=None,
+                   metavar="PATH", help="Continue from the last checkpoint in --output (no value) or from PATH, "
+                   "as Trainer's resume_from_checkpoint; a larger --max-steps continues a finished run.")
     _quiet(p)
 
 

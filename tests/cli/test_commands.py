@@ -229,3 +229,20 @@ def test_demo_with_a_tiny_budget(tmp_path, capsys):
     assert report["verified"]["spp"]["layers"] == 210  # 30 blocks x 7 projections
     assert (tmp_path / "demo" / "merged" / "spp" / "model.safetensors").is_file()
     assert "SPP" in capsys.readouterr().out
+
+
+def test_train_continues_when_only_the_budget_grew(chain, tmp_path):
+    """HF users' resume: rerun with a larger --max-steps continues the run and keeps its checkpoints."""
+    run = tmp_path / "spp"
+    args = ["train", "--model", str(chain["pruned"]), "--method", "spp", "--data", "builtin", "--cutoff-len", "32",
+            "--max-samples", "8", "--batch-size", "2", "--r", "4", "--save-steps", "2", "--output", str(run), "-q"]
+    assert cli.main([*args, "--lr", "2e-2", "--max-steps", "2"]) == 0
+    checkpoints = {p.name for p in (run / "checkpoints").glob("checkpoint-*")}
+    assert checkpoints
+    assert cli.main([*args, "--lr", "2e-2", "--max-steps", "4", "--resume-from-checkpoint"]) == 0
+    info = json.loads((run / "adapter" / "spp_peft_training.json").read_text())
+    assert info["result"]["steps"] == 4
+    assert checkpoints <= {p.name for p in (run / "checkpoints").glob("checkpoint-*")}
+    # other settings: refused (exit 2), nothing deleted
+    assert cli.main([*args, "--lr", "5e-2", "--max-steps", "4"]) == 2
+    assert checkpoints <= {p.name for p in (run / "checkpoints").glob("checkpoint-*")}
