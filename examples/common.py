@@ -53,6 +53,22 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def training_arguments(args) -> dict:
+    """The ``TrainingArguments`` fields both examples use (TRL's ``SFTConfig`` takes the same)."""
+    return dict(
+        output_dir=f"{args.output}/checkpoints",
+        per_device_train_batch_size=per_device_batch(args),
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        ddp_find_unused_parameters=False,  # every SPP factor takes part in every forward
+    )
+
+
 def pruned_model(args):
     """``(model, tokenizer)``: the model of ``--model``, magnitude-pruned to ``--prune`` (identical on every
     process: the tiny model is built from a seed, pruning is deterministic)."""

@@ -15,7 +15,7 @@ tests/distributed/test_accelerate_launch.py).
 from __future__ import annotations
 
 import common  # noqa: F401  (puts the checkout on sys.path)
-from common import parser, per_device_batch, pruned_model, use_cpu, write_run
+from common import parser, pruned_model, training_arguments, use_cpu, write_run
 
 
 def text_dataset(tokenizer, seq_len: int):
@@ -38,19 +38,8 @@ def main(argv=None) -> None:
 
     model, tokenizer = pruned_model(args)
     model = get_peft_model(model, spp_peft.SPPConfig(r=args.r, spp_alpha=2 * args.r))
-    training_args = TrainingArguments(
-        output_dir=f"{args.output}/checkpoints",
-        per_device_train_batch_size=per_device_batch(args),
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        use_cpu=use_cpu(),
-        ddp_find_unused_parameters=False,  # every SPP factor takes part in every forward
-    )
+    # use_cpu: see common.use_cpu (without it a multi-process CPU launch trains each process alone).
+    training_args = TrainingArguments(**training_arguments(args), use_cpu=use_cpu())
     trainer = Trainer(model=model, args=training_args, train_dataset=text_dataset(tokenizer, args.seq_len))
     trainer.train()
     trainer.save_model(f"{args.output}/adapter")  # the PEFT adapter, written by the main process only

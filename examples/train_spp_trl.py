@@ -12,7 +12,7 @@ OUTPUT/adapter by the main process; merging it keeps every zero of the pruned ba
 from __future__ import annotations
 
 import common  # noqa: F401  (puts the checkout on sys.path)
-from common import parser, per_device_batch, pruned_model, use_cpu, write_run
+from common import parser, pruned_model, training_arguments, use_cpu, write_run
 
 
 def instruction_dataset():
@@ -34,20 +34,8 @@ def main(argv=None) -> None:
     import spp_peft
 
     model, tokenizer = pruned_model(args)
-    config = SFTConfig(
-        output_dir=f"{args.output}/checkpoints",
-        per_device_train_batch_size=per_device_batch(args),
-        max_steps=args.max_steps,
-        max_length=args.seq_len,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        use_cpu=use_cpu(),
-        ddp_find_unused_parameters=False,  # every SPP factor takes part in every forward
-    )
+    # use_cpu: see common.use_cpu (without it a multi-process CPU launch trains each process alone).
+    config = SFTConfig(**training_arguments(args), max_length=args.seq_len, use_cpu=use_cpu())
     trainer = SFTTrainer(model=model, args=config, train_dataset=instruction_dataset(), processing_class=tokenizer,
                          peft_config=spp_peft.SPPConfig(r=args.r, spp_alpha=2 * args.r))
     trainer.train()

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import spp_peft
+from spp_peft.testing import finish
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLES = ROOT / "examples"
@@ -54,18 +55,6 @@ def _start(command: list[str]) -> subprocess.Popen:
                             text=True)
 
 
-def _finish(proc: subprocess.Popen, what: str, timeout: int = 300) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"{what} timed out after {timeout} s; output tail:\n{out[-4000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"{what} failed with exit code {proc.returncode}; output tail:\n{out[-6000:]}")
-    return out
-
-
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
     """The documented 2-process launch and the 1-process run of the Trainer example, side by side."""
@@ -74,8 +63,8 @@ def trainer_runs(tmp_path_factory):
     script = "examples/train_spp_trainer.py"
     p_multi = _start([*_accelerate(), "launch", "--config_file", CONFIG, script, "--output", str(multi)])
     p_single = _start([sys.executable, script, "--output", str(single)])
-    _finish(p_single, "python examples/train_spp_trainer.py")
-    out = _finish(p_multi, f"accelerate launch --config_file {CONFIG} {script}")
+    finish(p_single, "python examples/train_spp_trainer.py")
+    out = finish(p_multi, f"accelerate launch --config_file {CONFIG} {script}")
     return {"multi": multi, "single": single, "multi_output": out}
 
 
@@ -139,7 +128,7 @@ def test_trl_example(tmp_path):
     """TRL's SFTTrainer(peft_config=SPPConfig(...)), one process (the 2-process launch runs too, but its
     adapter is not within float tolerance of this one: see docs/scaling.md)."""
     out = tmp_path / "trl"
-    _finish(_start([sys.executable, "examples/train_spp_trl.py", "--output", str(out)]),
+    finish(_start([sys.executable, "examples/train_spp_trl.py", "--output", str(out)]),
             "python examples/train_spp_trl.py")
     assert _run(out)["global_step"] == 4
     _assert_merges_with_zeros_kept(out / "adapter")
