@@ -4,8 +4,9 @@ SPP needs nothing special from distributed engines for *correctness*: the adapte
 ``spp_B`` are ordinary ``nn.Parameter`` s and the kernel (:class:`spp_peft.kernel.SPPLinearFunction`) is an
 ordinary autograd Function. What was checked (``tests/distributed/``, CPU, gloo, 2 processes):
 
-* **DDP** (transformers ``Trainer`` under ``torchrun``, accelerate's MULTI_CPU path): the adapter after N
-  steps equals single-process training with the same global batch and seed.
+* **DDP** (transformers ``Trainer`` and TRL's ``SFTTrainer`` under ``torchrun`` and under ``accelerate launch
+  --config_file configs/accelerate/ddp_cpu.yaml``): the Trainer's adapter after N steps equals
+  single-process training with the same global batch and seed.
 * **FSDP2** (``torch.distributed.fsdp.fully_shard``): the kernel saves the *unsharded* base weight for
   backward. With ``reshard_after_forward=True`` FSDP2 frees that tensor's storage after the block's forward
   (``storage.resize_(0)``: the saved reference then holds no memory) and re-all-gathers into the *same*
@@ -66,24 +67,32 @@ def init_process_group(backend: Optional[str] = None) -> None:
 
 
 def is_main_process() -> bool:
+    """True on rank 0 of the default process group, and when no group is initialised.
+
+    Asks ``torch.distributed`` rather than accelerate's ``PartialState``: a ``PartialState()`` created without
+    ``cpu=True`` in a multi-process CPU launch finds no GPU, falls back to a non-distributed state and reports
+    *every* rank as the main process (observed with accelerate 1.15 under torchrun and gloo), which would let
+    every rank write the same files.
+    """
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+    """The model under its DDP / DataParallel / DeepSpeed / FSDP1 and ``torch.compile`` wrappers, in any nesting.
 
-    FSDP2 does not wrap (``fully_shard`` changes the module's class in place), so an FSDP2 model is returned
-    as is.
+    accelerate's ``extract_model_from_parallel`` removes one compile wrapper and then the parallel ones, so it is
+    repeated until nothing changes (``DDP(torch.compile(model))`` needs two rounds). FSDP2 does not wrap
+    (``fully_shard`` changes the module's class in place), so an FSDP2 model is returned as is.
     """
+    from accelerate.utils import extract_model_from_parallel
+
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
+        inner = extract_model_from_parallel(model, keep_torch_compile=False)
+        if inner is model:
             return model
+        model = inner
 
 
 def fsdp2_shard(

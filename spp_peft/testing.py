@@ -117,3 +117,22 @@ def torchrun_command(script: str, nproc: int, script_args=(), python: Optional[s
         "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
         script, *[str(a) for a in script_args],
     ]
+
+
+def finish(proc, what: str, timeout: int = 400) -> str:
+    """Wait for a launched ``subprocess.Popen`` (stdout piped, stderr merged) and return its output.
+
+    Raises ``AssertionError`` naming ``what`` with the tail of the output when it times out (the process is
+    killed) or exits non-zero, so a failed launch reads as a test failure with its cause.
+    """
+    import subprocess
+
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"{what} timed out after {timeout} s; output tail:\n{out[-4000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"{what} failed with exit code {proc.returncode}; output tail:\n{out[-6000:]}")
+    return out

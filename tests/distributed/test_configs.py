@@ -28,6 +28,14 @@ def test_ddp_config():
     assert config.distributed_type.value == "MULTI_GPU" and config.mixed_precision == "bf16"
 
 
+def test_ddp_cpu_config_launches_two_processes_through_torchrun():
+    """MULTI_GPU is what makes `accelerate launch` start several local processes (torchrun); MULTI_CPU would
+    start one without mpirun. The launch itself is tested in test_accelerate_launch.py."""
+    config = _load("ddp_cpu.yaml")
+    assert config.distributed_type.value == "MULTI_GPU" and config.num_processes == 2
+    assert config.use_cpu is True and config.mixed_precision == "no" and config.num_machines == 1
+
+
 def test_fsdp_config_is_fsdp2_with_block_wrapping():
     config = _load("fsdp.yaml")
     assert config.distributed_type.value == "FSDP"
@@ -46,6 +54,12 @@ def test_zero3_config_points_to_a_stage3_deepspeed_file():
 
 
 def test_prepare_zero3_marks_spp_layers(monkeypatch):
+    # Imported before deepspeed is faked: importing peft probes for deepspeed (find_spec), which a fake
+    # module without a spec breaks.
+    from peft import get_peft_model
+
+    from spp_peft.testing import tiny_llama
+
     calls = []
 
     def set_z3_leaf_modules(model, classes):
@@ -57,10 +71,6 @@ def test_prepare_zero3_marks_spp_layers(monkeypatch):
     fake.utils.set_z3_leaf_modules = set_z3_leaf_modules
     monkeypatch.setitem(sys.modules, "deepspeed", fake)
     monkeypatch.setitem(sys.modules, "deepspeed.utils", fake.utils)
-    from peft import get_peft_model
-
-    from spp_peft.testing import tiny_llama
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(tiny_llama(), spp_peft.SPPConfig(r=4, spp_alpha=8, target_modules=["q_proj", "v_proj"]))

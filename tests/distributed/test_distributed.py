@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import spp_peft
-from spp_peft.testing import free_port, torchrun_command
+from spp_peft.testing import finish, free_port, torchrun_command
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -47,17 +47,6 @@ def _env() -> dict:
     return env
 
 
-def _finish(proc: subprocess.Popen, what: str, timeout: int = 400) -> None:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"{what} timed out after {timeout} s; output tail:\n{out[-4000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"{what} failed with exit code {proc.returncode}; output tail:\n{out[-6000:]}")
-
-
 def _launch_all(base: Path) -> None:
     multi, single = base / "multi", base / "single"
     common = dict(cwd=str(ROOT), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -67,8 +56,8 @@ def _launch_all(base: Path) -> None:
     )
     p_single = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(single), "--runs", "trainer,loop"],
                                 **common)
-    _finish(p_single, "single-process reference run")
-    _finish(p_multi, "2-process torchrun (gloo) run")
+    finish(p_single, "single-process reference run")
+    finish(p_multi, "2-process torchrun (gloo) run")
 
 
 @pytest.fixture(scope="module")
