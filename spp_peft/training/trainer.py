@@ -6,6 +6,7 @@ stops a diverged run, and saves the adapter with its model card (:func:`~spp_pef
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -147,7 +148,9 @@ def train(
         TrainingDiverged: a trainable weight became NaN or inf (nothing is saved).
     """
     check_method(method)
-    with exclusive(output_dir) as out:
+    # Under a multi-process launch (torchrun, accelerate) only rank 0 holds the folder and writes into it.
+    hold = exclusive(output_dir) if _launch_rank() == 0 else contextlib.nullcontext(Path(output_dir).expanduser())
+    with hold as out:
         resume = dict(resume_from=resume_from_checkpoint, overwrite=overwrite)
         return _train(model, tokenizer, method, dataset, cfg, out, lr, data_description, callbacks, resume)
 
@@ -169,7 +172,8 @@ def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_descripti
     )
     identity = _run_identity(method, cfg, lr, dataset, data_description)
     budget = _budget_steps(trainer, cfg)
-    resume = _prepare_checkpoints(ckpt_dir, identity, cfg.resume, budget_steps=budget, **resume_args)
+    resume = _from_main_process(lambda: _prepare_checkpoints(ckpt_dir, identity, cfg.resume, budget_steps=budget,
+                                                             **resume_args))
     if resume:
         logger.info("%s: resuming from %s", method, resume)
     logger.info(
@@ -184,9 +188,27 @@ def _train(model, tokenizer, method, dataset, cfg, out: Path, lr, data_descripti
     _check_finite(model, method, lr, steps)
     tokens = _tokens_seen(dataset, steps * cfg.batch_size * cfg.grad_accum)
     result = TrainResult(method, model, None, history, steps, seconds, tokens, lr, len(dataset), resume)
-    result.adapter_dir = str(save_adapter(model, out / "adapter", method, cfg, lr, result, data_description))
-    atomic_write_file(out / "train_log.json", json.dumps(history, indent=1) + "\n")
+    if _launch_rank() == 0:
+        result.adapter_dir = str(save_adapter(model, out / "adapter", method, cfg, lr, result, data_description))
+        atomic_write_file(out / "train_log.json", json.dumps(history, indent=1) + "\n")
     return result
+
+
+def _launch_rank() -> int:
+    """This process's rank in a torchrun / accelerate launch (0 when not launched): known from the environment
+    before the Trainer sets up the process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _from_main_process(decide):
+    """``decide()`` run on rank 0 only (it may clear or mark checkpoints), its result sent to every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    box = [decide() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _budget_steps(trainer: Trainer, cfg: TrainConfig) -> int:
