@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from peft import get_peft_model
 
 from spp_peft import SPPConfig, autoload
@@ -62,8 +63,6 @@ def test_tools_that_never_import_spp_peft_load_an_spp_adapter(tmp_path):
         print(type(PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r}).base_model).__name__)
         print(type(AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / 'adapter')!r}).base_model).__name__)
     """
-    without = _python(code, tmp_path / "no-hook")
-    assert without.returncode != 0 and "KeyError: 'SPP'" in without.stderr
     autoload.enable(tmp_path / "site")
     with_hook = _python(code, tmp_path / "site")
     assert with_hook.returncode == 0, with_hook.stderr[-2000:]
@@ -82,3 +81,29 @@ def test_a_broken_install_is_one_warning(tmp_path):
 
 def test_pth_line_is_a_single_import_line():
     assert autoload.PTH_LINE.startswith("import ") and autoload.PTH_LINE.count("\n") == 1
+
+
+@pytest.mark.slow  # lm-eval's CLI indexes its whole task zoo at start (tens of seconds)
+def test_lm_eval_cli_with_peft_loads_an_spp_adapter(tmp_path):
+    """The unchanged lm-eval command (`lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER`) on a local
+    task evaluates an SPP adapter with the hook (without it: `KeyError: 'SPP'`, shown for PEFT's loaders in
+    test_tools_that_never_import_spp_peft_load_an_spp_adapter)."""
+    pytest.importorskip("lm_eval")
+    from spp_peft.testing import byte_tokenizer
+
+    from .test_evaluation import write_tiny_task
+
+    base = tiny_llama(num_layers=1)
+    base.save_pretrained(tmp_path / "base")
+    byte_tokenizer().save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, SPPConfig(target_modules=["q_proj", "v_proj"], r=4, init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    task = write_tiny_task(tmp_path / "tasks")
+    argv = ["lm_eval", "--model", "hf", "--model_args",
+            f"pretrained={tmp_path / 'base'},peft={tmp_path / 'adapter'}", "--device", "cpu", "--tasks", "tiny_mc",
+            "--include_path", str(task.parent), "--batch_size", "2", "--output_path", str(tmp_path / "out")]
+    code = f"import sys; sys.argv = {argv!r}\nfrom lm_eval.__main__ import cli_evaluate\ncli_evaluate()\n"
+    autoload.enable(tmp_path / "site")
+    with_hook = _python(code, tmp_path / "site")
+    assert with_hook.returncode == 0, with_hook.stderr[-3000:]
+    assert "tiny_mc" in with_hook.stdout and "acc" in with_hook.stdout
