@@ -15,8 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from spp_peft._utils.progress import progress
 from spp_peft._utils.tensors import model_device
 from spp_peft.data import token_stream
 
@@ -72,9 +72,7 @@ def perplexity(
     total_nll = 0.0
     total_tokens = 0
     try:
-        for start in tqdm(
-            range(0, ids.shape[0], batch_size), desc="perplexity", unit="batch", disable=not show_progress
-        ):
+        for start in progress(range(0, ids.shape[0], batch_size), show_progress, desc="perplexity", unit="batch"):
             batch = ids[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             # Float64 accumulation: summing ~1e5 token losses in float32 loses digits.
