@@ -146,6 +146,28 @@ def zero_shot(
     return _scores(out["results"], metric)
 
 
+def local_tasks_only(tasks: Sequence[str], include_path: Optional[str] = None) -> bool:
+    """Whether every task is a YAML file or named by a ``task:`` line of a YAML file under ``include_path``:
+    then lm-eval's own task zoo (seconds to index) need not be indexed."""
+    import os
+    import re
+    from pathlib import Path
+
+    names: set[str] = set()
+    if include_path:
+        for path in Path(include_path).expanduser().rglob("*.y*ml"):
+            names.update(re.findall(r"^task:\s*['\"]?([\w.\-]+)", path.read_text(errors="replace"), re.M))
+    return all(os.path.isfile(t) or t in names for t in tasks)
+
+
+def check_tasks(tasks: Sequence[str], include_path: Optional[str] = None) -> None:
+    """Refuse unknown lm-eval task names (ValueError naming them) before any model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path, include_defaults=not local_tasks_only(tasks, include_path))
+    _check_tasks(manager, tasks)
+
+
 def _check_tasks(manager, tasks: Sequence[str]) -> None:
     """Unknown task names fail here, naming them, before a model is wrapped (lm-eval only logs them)."""
     import os

@@ -50,7 +50,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip:
                         rename: Optional[dict[str, str]] = None) -> None:
     """One flag per field of ``cls`` (help and type from the field); values stay strings until
     :func:`dataclass_from_flags` reads them with the field's type."""
-    rename = rename or {}
+    # TrainingArguments' names first (--learning-rate), the short field names (--lr) stay as aliases.
+    rename = {**{field: alias for alias, field in getattr(cls, "ALIASES", {}).items()}, **(rename or {})}
     types_ = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{prefix} options")
     defaults = cls()
@@ -61,7 +62,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip:
         if f.name in rename:
             names += _flag_names(f.name)
         tp = types_[f.name]
-        help_text = f"{f.metadata.get('help', '')} [{prefix}.{f.name}, default: {getattr(defaults, f.name)}]"
+        key = rename.get(f.name, f.name) if prefix == "train" else f.name
+        help_text = f"{f.metadata.get('help', '')} [{prefix}.{key}, default: {getattr(defaults, f.name)}]"
         group.add_argument(*names, dest=f"{prefix}__{f.name}", default=None, help=help_text.replace("%", "%%"),
                            metavar=type_name(tp).upper().replace(" ", "_"), action=BoolFlag if tp is bool else None)
 
@@ -94,6 +96,29 @@ def split_dotted(extra: Sequence[str]) -> list[str]:
             overrides.append(f"{token[2:]}={extra[i + 1]}")
             i += 2
     return overrides
+
+
+def training_flags(extra: Sequence[str]) -> dict:
+    """``spp-peft train``'s flags that are other ``TrainingArguments`` fields (``--report_to wandb``,
+    ``--label-smoothing-factor 0.1``, a bare ``--torch_compile``), typed by the field; an unknown one is a
+    RecipeError with a "did you mean"."""
+    from spp_peft.recipe.values import unknown_key
+    from spp_peft.training.arguments import hf_fields
+
+    fields, values, tokens = hf_fields(), {}, list(extra)
+    while tokens:
+        token = tokens.pop(0)
+        name, sep, raw = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if not token.startswith("--") or name not in fields:
+            raise unknown_key(name if token.startswith("--") else token, [], "train", list(fields))
+        if not sep:
+            bare = fields[name] is bool and (not tokens or tokens[0].startswith("--"))
+            if not bare and not tokens:
+                raise RecipeError(f"{token} needs a value")
+            raw = "true" if bare else tokens.pop(0)
+        values[name] = parse_value(raw, fields[name], f"train.args.{name}")
+    return values
 
 
 # ------------------------------------------------------------------------------------- subcommands
@@ -193,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(add)
     _add_merge(add)
     _add_eval(add)
+    p = add("autoload", help="Let any tool (lm-eval, AutoPeftModel, pipeline) load SPP adapters without "
+            "`import spp_peft`: a reversible start-up hook (.pth) in this environment.")
+    p.add_argument("action", choices=("enable", "disable", "status"))
+    p.add_argument("--target", help="Folder for the .pth file (default: this environment's site-packages).")
     p = add("inspect", help="Sparsity and metadata of a model folder, an adapter or a run folder.")
     p.add_argument("path")
     p.add_argument("--max-rows", type=int, default=20)

@@ -93,7 +93,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 def unknown_key(key: str, known: Sequence[str], where: str, candidates: Sequence[str] = ()) -> RecipeError:
     close = difflib.get_close_matches(key, [*known, *candidates], n=1)
     hint = f"; did you mean {quote(close[0])}?" if close else ""
-    return RecipeError(f"unknown key {where + '.' if where else ''}{quote(key)[1:-1]}{hint} (known: {', '.join(known)})")
+    listed = f" (known: {', '.join(known)})" if known else ""
+    return RecipeError(f"unknown key {where + '.' if where else ''}{quote(key)[1:-1]}{hint}{listed}")
 
 
 def _canonical_keys(cls, data: dict, where: str) -> dict:
