@@ -1,7 +1,9 @@
 """The ``spp-peft`` argument parser. The settings flags of ``prune``, ``train`` and ``eval`` are generated
 from the recipe's section dataclasses (one flag per field, help, type and default from the field), so the
-recipe keys and the flags never drift apart: ``--max-steps`` or ``--max_steps`` is ``train.max_steps``, and
-a bool key is a bare flag (``--bf16`` / ``--no-bf16``).
+recipe keys and the flags never drift apart: ``--max-steps`` or ``--max_steps`` is ``train.max_steps``, a
+key with a ``TrainingArguments`` name has it as its flag (``--learning-rate``; ``--lr`` stays an alias), and
+a bool key is a bare flag (``--bf16`` / ``--no-bf16``). ``train``'s other ``TrainingArguments`` flags go to
+``train.args`` (:func:`training_flags`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Optional, Sequence
 
 from spp_peft.cli.errors import EXIT_CODES_HELP
 from spp_peft.errors import RecipeError, quote
-from spp_peft.recipe import EvalSection, PruningSection, build_dataclass, parse_value, type_name
+from spp_peft.recipe import EvalSection, PruningSection, build_dataclass, field_type, parse_value, type_name
 from spp_peft.training.config import METHODS, DataConfig, TrainConfig
 
 #: The flags that show tracebacks; accepted before or after the command.
@@ -89,6 +91,9 @@ def split_dotted(extra: Sequence[str]) -> list[str]:
             raise RecipeError(f"unrecognized argument {quote(token)} (recipe keys look like --train.lr 3e-2)")
         if "=" in token:
             overrides.append(token[2:])
+            i += 1
+        elif (i + 1 >= len(extra) or extra[i + 1].startswith("--")) and field_type(token[2:]) is bool:
+            overrides.append(f"{token[2:]}=true")  # a bare bool key: --train.bf16
             i += 1
         else:
             if i + 1 >= len(extra):

@@ -126,3 +126,9 @@ def test_eval_runs_a_local_lm_eval_task(pruned_dir, tmp_path, capsys):
 def test_eval_include_path_must_be_a_folder(pruned_dir, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(pruned_dir), "--tasks", "x", "--include-path", str(tmp_path / "no")]) == 2
     assert "eval.include_path" in capsys.readouterr().err
+
+
+def test_dotted_bool_keys_are_bare_flags_too():
+    assert cli.split_dotted(["--train.bf16", "--train.learning_rate", "1e-2", "--train.resume"]) == [
+        "train.bf16=true", "train.learning_rate=1e-2", "train.resume=true"]
+    assert cli.split_dotted(["--train.bf16", "false"]) == ["train.bf16=false"]
