@@ -170,7 +170,9 @@ def _add_prune(add) -> None:
 
 
 def _add_train(add) -> None:
-    p = add("train", help="Fine-tune a pruned model with one method and save the adapter.")
+    p = add("train", help="Fine-tune a pruned model with one method and save the adapter.",
+            description="Fine-tune a pruned model with one method and save the adapter. Any other "
+            "transformers.TrainingArguments field is a flag too (--report_to wandb, --label_smoothing_factor 0.1).")
     p.add_argument("--model", required=True, help="The pruned model folder.")
     p.add_argument("--method", default="spp", choices=[m for m in METHODS if m != "none"])
     _output_flags(p, "Folder for checkpoints/, adapter/ and train_log.json.",

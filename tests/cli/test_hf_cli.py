@@ -53,7 +53,8 @@ def test_train_refuses_an_unknown_training_argument_before_any_work(pruned_dir, 
 def _spp_peft(args, tmp_path, **env):
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"),
                     HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", **env)
-    full_env.pop("TQDM_DISABLE", None) if "TQDM_DISABLE" not in env else None
+    if "TQDM_DISABLE" not in env:  # the switch is the test's to set, not the caller's shell
+        full_env.pop("TQDM_DISABLE", None)
     return subprocess.run([sys.executable, "-m", "spp_peft", *args], capture_output=True, text=True, env=full_env,
                           cwd=tmp_path, timeout=600)
 
