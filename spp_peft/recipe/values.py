@@ -119,7 +119,11 @@ def _canonical_keys(cls, data: dict, where: str) -> dict:
             raise unknown_key(str(key), [*aliases, *known], where, candidates)
         extras[key] = value
     if extras:
-        out[extra_field] = {**extras, **(out.get(extra_field) or {})}
+        given = out.get(extra_field) or {}
+        clash = next((k for k in extras if isinstance(given, dict) and k in given), None)
+        if clash is not None:
+            raise RecipeError(f"{where}.{clash} and {where}.{extra_field}.{clash} name the same setting; give one")
+        out[extra_field] = {**extras, **given} if isinstance(given, dict) else given
     return out
 
 

@@ -22,6 +22,8 @@ def test_hf_names_and_short_aliases_load_the_same_config():
 def test_a_setting_given_twice_is_refused():
     with pytest.raises(RecipeError, match="train.learning_rate and train.lr name the same setting"):
         load_recipe("train:\n  lr: 1e-2\n  learning_rate: 2e-2\n", check_paths=False)
+    with pytest.raises(RecipeError, match="train.run_name and train.args.run_name name the same setting"):
+        load_recipe("train:\n  run_name: a\n  args: {run_name: b}\n", check_paths=False)
 
 
 def test_train_args_reach_training_arguments(tmp_path):
