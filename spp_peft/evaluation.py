@@ -15,8 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from spp_peft._utils.progress import progress
 from spp_peft._utils.tensors import model_device
 from spp_peft.data import token_stream
 
@@ -72,9 +72,7 @@ def perplexity(
     total_nll = 0.0
     total_tokens = 0
     try:
-        for start in tqdm(
-            range(0, ids.shape[0], batch_size), desc="perplexity", unit="batch", disable=not show_progress
-        ):
+        for start in progress(range(0, ids.shape[0], batch_size), show_progress, desc="perplexity", unit="batch"):
             batch = ids[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             # Float64 accumulation: summing ~1e5 token losses in float32 loses digits.
@@ -146,6 +144,28 @@ def zero_shot(
     finally:
         model.train(was_training)
     return _scores(out["results"], metric)
+
+
+def local_tasks_only(tasks: Sequence[str], include_path: Optional[str] = None) -> bool:
+    """Whether every task is a YAML file or named by a ``task:`` line of a YAML file under ``include_path``:
+    then lm-eval's own task zoo (seconds to index) need not be indexed."""
+    import os
+    import re
+    from pathlib import Path
+
+    names: set[str] = set()
+    if include_path:
+        for path in Path(include_path).expanduser().rglob("*.y*ml"):
+            names.update(re.findall(r"^task:\s*['\"]?([\w.\-]+)", path.read_text(errors="replace"), re.M))
+    return all(os.path.isfile(t) or t in names for t in tasks)
+
+
+def check_tasks(tasks: Sequence[str], include_path: Optional[str] = None) -> None:
+    """Refuse unknown lm-eval task names (ValueError naming them) before any model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path, include_defaults=not local_tasks_only(tasks, include_path))
+    _check_tasks(manager, tasks)
 
 
 def _check_tasks(manager, tasks: Sequence[str]) -> None:

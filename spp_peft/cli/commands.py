@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from spp_peft.cli.parser import dataclass_from_flags, split_dotted
+from spp_peft.cli.parser import dataclass_from_flags, split_dotted, training_flags
 from spp_peft.errors import RecipeError, reading
 from spp_peft.recipe import (
     EvalSection,
@@ -20,6 +20,7 @@ from spp_peft.recipe import (
     check_model,
     check_pruning,
     check_source,
+    expand_tasks,
     load_recipe,
     quickstart_yaml,
     recipe_keys,
@@ -105,6 +106,7 @@ def cmd_train(args, extra) -> int:
 
     data = dataclass_from_flags(args, DataConfig, "data")
     cfg = dataclass_from_flags(args, TrainConfig, "train")
+    cfg.args = {**cfg.args, **training_flags(extra)}
     if args.quiet:
         cfg.progress = False
     try:
@@ -186,6 +188,9 @@ def _eval_section(args) -> EvalSection:
 
         if importlib.util.find_spec("lm_eval") is None:
             raise RecipeError("--tasks needs lm-eval: pip install 'spp-peft[eval]'")
+        from spp_peft.evaluation import check_tasks
+
+        check_tasks(expand_tasks(section.zero_shot_tasks), section.include_path)  # before the model loads
     return section
 
 
@@ -224,8 +229,24 @@ def cmd_inspect(args, extra) -> int:
     return inspect_path(Path(args.path), args.max_rows)
 
 
+def cmd_autoload(args, extra) -> int:
+    from spp_peft import autoload
+
+    if args.action == "enable":
+        try:
+            print(f"autoload: enabled ({autoload.enable(args.target)})")
+        except PermissionError as err:
+            raise RecipeError(f"autoload: {err}; {autoload.user_site_note()}") from None
+    elif args.action == "disable":
+        removed = autoload.disable(args.target)
+        print(f"autoload: disabled ({'removed' if removed else 'there was no'} {autoload.pth_path(args.target)})")
+    else:
+        print(autoload.status(args.target))
+    return 0
+
+
 #: ``{subcommand: function(args, extra) -> exit code}``; ``estimate`` is dispatched apart (its own parser).
 COMMANDS = {
     "run": cmd_run, "demo": cmd_run, "keys": cmd_keys, "prune": cmd_prune, "train": cmd_train,
-    "merge": cmd_merge, "eval": cmd_eval, "inspect": cmd_inspect,
+    "merge": cmd_merge, "eval": cmd_eval, "inspect": cmd_inspect, "autoload": cmd_autoload,
 }

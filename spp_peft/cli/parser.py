@@ -1,7 +1,9 @@
 """The ``spp-peft`` argument parser. The settings flags of ``prune``, ``train`` and ``eval`` are generated
 from the recipe's section dataclasses (one flag per field, help, type and default from the field), so the
-recipe keys and the flags never drift apart: ``--max-steps`` or ``--max_steps`` is ``train.max_steps``, and
-a bool key is a bare flag (``--bf16`` / ``--no-bf16``).
+recipe keys and the flags never drift apart: ``--max-steps`` or ``--max_steps`` is ``train.max_steps``, a
+key with a ``TrainingArguments`` name has it as its flag (``--learning-rate``; ``--lr`` stays an alias), and
+a bool key is a bare flag (``--bf16`` / ``--no-bf16``). ``train``'s other ``TrainingArguments`` flags go to
+``train.args`` (:func:`training_flags`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Optional, Sequence
 
 from spp_peft.cli.errors import EXIT_CODES_HELP
 from spp_peft.errors import RecipeError, quote
-from spp_peft.recipe import EvalSection, PruningSection, build_dataclass, parse_value, type_name
+from spp_peft.recipe import EvalSection, PruningSection, build_dataclass, field_type, parse_value, type_name
 from spp_peft.training.config import METHODS, DataConfig, TrainConfig
 
 #: The flags that show tracebacks; accepted before or after the command.
@@ -50,7 +52,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip:
                         rename: Optional[dict[str, str]] = None) -> None:
     """One flag per field of ``cls`` (help and type from the field); values stay strings until
     :func:`dataclass_from_flags` reads them with the field's type."""
-    rename = rename or {}
+    # TrainingArguments' names first (--learning-rate), the short field names (--lr) stay as aliases.
+    rename = {**{field: alias for alias, field in getattr(cls, "ALIASES", {}).items()}, **(rename or {})}
     types_ = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{prefix} options")
     defaults = cls()
@@ -61,7 +64,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str, skip:
         if f.name in rename:
             names += _flag_names(f.name)
         tp = types_[f.name]
-        help_text = f"{f.metadata.get('help', '')} [{prefix}.{f.name}, default: {getattr(defaults, f.name)}]"
+        key = rename.get(f.name, f.name) if prefix == "train" else f.name
+        help_text = f"{f.metadata.get('help', '')} [{prefix}.{key}, default: {getattr(defaults, f.name)}]"
         group.add_argument(*names, dest=f"{prefix}__{f.name}", default=None, help=help_text.replace("%", "%%"),
                            metavar=type_name(tp).upper().replace(" ", "_"), action=BoolFlag if tp is bool else None)
 
@@ -88,12 +92,38 @@ def split_dotted(extra: Sequence[str]) -> list[str]:
         if "=" in token:
             overrides.append(token[2:])
             i += 1
+        elif (i + 1 >= len(extra) or extra[i + 1].startswith("--")) and field_type(token[2:]) is bool:
+            overrides.append(f"{token[2:]}=true")  # a bare bool key: --train.bf16
+            i += 1
         else:
             if i + 1 >= len(extra):
                 raise RecipeError(f"{token} needs a value")
             overrides.append(f"{token[2:]}={extra[i + 1]}")
             i += 2
     return overrides
+
+
+def training_flags(extra: Sequence[str]) -> dict:
+    """``spp-peft train``'s flags that are other ``TrainingArguments`` fields (``--report_to wandb``,
+    ``--label-smoothing-factor 0.1``, a bare ``--torch_compile``), typed by the field; an unknown one is a
+    RecipeError with a "did you mean"."""
+    from spp_peft.recipe.values import unknown_key
+    from spp_peft.training.arguments import hf_fields
+
+    fields, values, tokens = hf_fields(), {}, list(extra)
+    while tokens:
+        token = tokens.pop(0)
+        name, sep, raw = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if not token.startswith("--") or name not in fields:
+            raise unknown_key(name if token.startswith("--") else token, [], "train", list(fields))
+        if not sep:
+            bare = fields[name] is bool and (not tokens or tokens[0].startswith("--"))
+            if not bare and not tokens:
+                raise RecipeError(f"{token} needs a value")
+            raw = "true" if bare else tokens.pop(0)
+        values[name] = parse_value(raw, fields[name], f"train.args.{name}")
+    return values
 
 
 # ------------------------------------------------------------------------------------- subcommands
@@ -140,7 +170,9 @@ def _add_prune(add) -> None:
 
 
 def _add_train(add) -> None:
-    p = add("train", help="Fine-tune a pruned model with one method and save the adapter.")
+    p = add("train", help="Fine-tune a pruned model with one method and save the adapter.",
+            description="Fine-tune a pruned model with one method and save the adapter. Any other "
+            "transformers.TrainingArguments field is a flag too (--report_to wandb, --label_smoothing_factor 0.1).")
     p.add_argument("--model", required=True, help="The pruned model folder.")
     p.add_argument("--method", default="spp", choices=[m for m in METHODS if m != "none"])
     _output_flags(p, "Folder for checkpoints/, adapter/ and train_log.json.",
@@ -196,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(add)
     _add_merge(add)
     _add_eval(add)
+    p = add("autoload", help="Let any tool (lm-eval, AutoPeftModel, pipeline) load SPP adapters without "
+            "`import spp_peft`: a reversible start-up hook (.pth) in this environment.")
+    p.add_argument("action", choices=("enable", "disable", "status"))
+    p.add_argument("--target", help="Folder for the .pth file (default: this environment's site-packages).")
     p = add("inspect", help="Sparsity and metadata of a model folder, an adapter or a run folder.")
     p.add_argument("path")
     p.add_argument("--max-rows", type=int, default=20)

@@ -86,13 +86,13 @@ def zero_shot(model: nn.Module, tokenizer, section) -> Optional[dict[str, float]
     tasks = expand_tasks(section.zero_shot_tasks)
     if not tasks:
         return None
+    from spp_peft.evaluation import local_tasks_only
     from spp_peft.evaluation import zero_shot as lm_eval_zero_shot
 
-    include_path = getattr(section, "include_path", None)
-    # Indexing lm-eval's own task zoo takes seconds; skip it when every task is a local YAML file.
-    only_files = all(os.path.isfile(t) for t in tasks)
+    # Indexing lm-eval's own task zoo takes seconds; skip it when every task is local.
     return lm_eval_zero_shot(model, tokenizer, tasks, limit=section.zero_shot_limit, batch_size=section.batch_size,
-                             include_path=include_path, include_defaults=not only_files)
+                             include_path=section.include_path,
+                             include_defaults=not local_tasks_only(tasks, section.include_path))
 
 
 #: Distributions whose version a run's numbers may depend on: reported as null when not installed.

@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from spp_peft._utils.progress import progress
 from spp_peft._utils.tensors import model_device
 from spp_peft.models import find_decoder_blocks
 
@@ -175,7 +175,7 @@ def run_blocks(
         blocks_name, blocks, inputs = capture_block_inputs(model, input_ids, batch_size, device)
         home = model_device(model)
         device = torch.device(device) if device is not None else home
-        for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not show_progress):
+        for index in progress(range(len(blocks)), show_progress, desc=desc, unit="block"):
             block = blocks[index]
             block_home = model_device(block)
             block.to(device)

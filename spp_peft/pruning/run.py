@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from spp_peft._utils.progress import progress
 from spp_peft.models import find_decoder_blocks, find_linears
 from spp_peft.pruning.calibration import BlockInputs, collect_inputs, run_blocks
 from spp_peft.pruning.common import UNSTRUCTURED, read_weight, write_weight
@@ -96,7 +96,7 @@ def _prune_without_calibration(
 ) -> list[LayerPruning]:
     records: list[LayerPruning] = []
     compute = torch.device(device) if device else None
-    for index in tqdm(range(len(per_block)), desc=desc, unit="block", disable=not show_progress):
+    for index in progress(range(len(per_block)), show_progress, desc=desc, unit="block"):
         records += _prune_layers(per_block[index], config, compute)
     return records
 

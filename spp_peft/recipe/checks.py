@@ -147,6 +147,8 @@ def check_eval(e: EvalSection) -> None:
         raise RecipeError(f"eval.max_tokens ({e.max_tokens}) is smaller than one window (eval.seqlen={e.seqlen})")
     if e.zero_shot_limit is not None and e.zero_shot_limit < 1:
         raise RecipeError(f"eval.zero_shot_limit must be >= 1 or null, got {e.zero_shot_limit}")
+    if e.include_path is not None and not Path(e.include_path).expanduser().is_dir():
+        raise RecipeError(f"eval.include_path: {quote(e.include_path)} is not a folder of lm-eval task YAML files")
 
 
 def expand_tasks(tasks: Sequence[str]) -> list[str]:

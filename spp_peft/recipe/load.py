@@ -12,7 +12,7 @@ from typing import Any, Sequence, Union
 from spp_peft.errors import RecipeError, describe_cause, quote
 from spp_peft.recipe.checks import validate
 from spp_peft.recipe.schema import Recipe
-from spp_peft.recipe.values import build_dataclass, field_type, got, parse_value
+from spp_peft.recipe.values import build_dataclass, got, parse_value, resolve_key
 from spp_peft.recipe.yaml12 import parse_yaml
 
 #: The packaged recipe that ``spp-peft demo`` runs (``configs/quickstart.yaml`` links to it).
@@ -38,6 +38,22 @@ def set_key(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _drop_other_spellings(data: dict, canonical: str) -> None:
+    """Remove the keys of ``data`` that name the setting ``canonical`` in another spelling (an alias, or a
+    pass-through key outside ``args``), so that an override replaces the recipe's value instead of clashing."""
+    parent, _, last = canonical.rpartition(".")
+    node = data
+    for part in [p for p in parent.split(".") if p]:
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return
+    for key in list(node):
+        if key != last and resolve_key(f"{parent}.{key}" if parent else key)[0] == canonical:
+            del node[key]
+    if parent.endswith(".args") and isinstance(data.get(parent.split(".")[0]), dict):
+        data[parent.split(".")[0]].pop(last, None)
+
+
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``KEY=VALUE`` overrides (dotted keys) to raw recipe data (a copy is returned)."""
     data = copy.deepcopy(data or {})
@@ -46,8 +62,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise RecipeError(f"override {quote(item)} must look like KEY=VALUE, e.g. train.lr=3e-2")
-        tp = field_type(key)
-        set_key(data, key, parse_value(raw, tp, key))
+        canonical, tp = resolve_key(key)
+        _drop_other_spellings(data, canonical)
+        set_key(data, canonical, parse_value(raw, tp, key))
     return data
 
 

@@ -124,6 +124,9 @@ class EvalSection:
         metadata={"help": "lm-eval tasks (needs `pip install lm-eval` and the network), or 'paper7' for the paper's 7."},
     )
     zero_shot_limit: Optional[int] = field(default=None, metadata={"help": "lm-eval: examples per task (None = all)."})
+    include_path: Optional[str] = field(
+        default=None, metadata={"help": "lm-eval: a folder of your own task YAML files (local tasks by name)."}
+    )
 
 
 @dataclass

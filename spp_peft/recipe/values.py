@@ -90,10 +90,50 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     raise RecipeError(f"{key}: expected {type_name(tp)}, got {got(value)}")
 
 
-def unknown_key(key: str, known: Sequence[str], where: str) -> RecipeError:
-    close = difflib.get_close_matches(key, known, n=1)
+def unknown_key(key: str, known: Sequence[str], where: str, candidates: Sequence[str] = ()) -> RecipeError:
+    close = difflib.get_close_matches(key, [*known, *candidates], n=1)
     hint = f"; did you mean {quote(close[0])}?" if close else ""
-    return RecipeError(f"unknown key {where + '.' if where else ''}{quote(key)[1:-1]}{hint} (known: {', '.join(known)})")
+    listed = f" (known: {', '.join(known)})" if known else ""
+    return RecipeError(f"unknown key {where + '.' if where else ''}{quote(key)[1:-1]}{hint}{listed}")
+
+
+def _canonical_keys(cls, data: dict, where: str) -> dict:
+    """``data`` with the aliases of ``cls`` (``cls.ALIASES``: ``{alias: field}``) renamed to their fields, and
+    keys that are neither moved into ``cls.EXTRA_KEYS`` when the class takes them (``train:`` passes
+    TrainingArguments fields through to ``train.args``); anything else is an unknown key."""
+    aliases = getattr(cls, "ALIASES", {})
+    extra_field = getattr(cls, "EXTRA_KEYS", None)
+    known = [f.name for f in dataclasses.fields(cls)]
+    out: dict = {}
+    extras: dict = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        if name in out:
+            first = next(k for k in data if aliases.get(k, k) == name and k != key)
+            raise RecipeError(f"{where}.{key} and {where}.{first} name the same setting; give one")
+        if name in known:
+            out[name] = value
+            continue
+        candidates = [*aliases, *_extra_names(extra_field)]
+        if extra_field is None or str(key) not in candidates:
+            raise unknown_key(str(key), [*aliases, *known], where, candidates)
+        extras[key] = value
+    if extras:
+        given = out.get(extra_field) or {}
+        clash = next((k for k in extras if isinstance(given, dict) and k in given), None)
+        if clash is not None:
+            raise RecipeError(f"{where}.{clash} and {where}.{extra_field}.{clash} name the same setting; give one")
+        out[extra_field] = {**extras, **given} if isinstance(given, dict) else given
+    return out
+
+
+def _extra_names(extra_field) -> list[str]:
+    """The names a class with pass-through keys takes (TrainingArguments' fields; imports transformers)."""
+    if extra_field is None:
+        return []
+    from spp_peft.training.arguments import hf_fields
+
+    return list(hf_fields())
 
 
 def build_dataclass(cls, data: Any, where: str = ""):
@@ -103,11 +143,8 @@ def build_dataclass(cls, data: Any, where: str = ""):
     if not isinstance(data, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys, got {got(data)}")
     types_ = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
-    for key, value in data.items():
-        if key not in known:
-            raise unknown_key(str(key), known, where)
+    for key, value in _canonical_keys(cls, data, where).items():
         kwargs[key] = coerce(value, types_[key], f"{where}.{key}" if where else key)
     try:
         return cls(**kwargs)
@@ -121,22 +158,37 @@ def section_error(section: str, err: Exception) -> RecipeError:
     return RecipeError(message if message.startswith(section) else f"{section}: {message}")
 
 
-def field_type(key: str):
-    """The type of the dotted recipe key ``key`` (``train.lr``, ``train.method_lr.spp``); RecipeError if unknown."""
+def resolve_key(key: str) -> tuple[str, Any]:
+    """``(canonical dotted key, type)`` of the recipe key ``key``: aliases become their fields
+    (``train.learning_rate`` -> ``train.lr``), pass-through names go under ``train.args``; RecipeError if unknown."""
     cls, tp, path = Recipe, None, []
     for part in key.split("."):
         if cls is not None:
+            part = getattr(cls, "ALIASES", {}).get(part, part)
             known = [f.name for f in dataclasses.fields(cls)]
+            extra_field = getattr(cls, "EXTRA_KEYS", None)
             if part not in known:
-                raise unknown_key(part, known, ".".join(path))
-            tp = typing.get_type_hints(cls)[part]
-            cls = tp if dataclasses.is_dataclass(tp) else None
+                extras = _extra_names(extra_field)
+                if part not in extras:
+                    raise unknown_key(part, known, ".".join(path), [*getattr(cls, "ALIASES", {}), *extras])
+                from spp_peft.training.arguments import hf_fields
+
+                path.append(extra_field)
+                cls, tp = None, hf_fields()[part]
+            else:
+                tp = typing.get_type_hints(cls)[part]
+                cls = tp if dataclasses.is_dataclass(tp) else None
         elif typing.get_origin(tp) is dict:
             tp = typing.get_args(tp)[1]
         else:
             raise RecipeError(f"unknown key {key}: {'.'.join(path)} has no sub-keys")
         path.append(part)
-    return tp
+    return ".".join(path), tp
+
+
+def field_type(key: str):
+    """The type of the dotted recipe key ``key`` (``train.lr``, ``train.method_lr.spp``); RecipeError if unknown."""
+    return resolve_key(key)[1]
 
 
 def parse_value(raw: str, tp: Any, key: str) -> Any:
@@ -169,9 +221,13 @@ def recipe_keys() -> list[tuple[str, str, Any, str]]:
         if dataclasses.is_dataclass(tp):
             section = getattr(defaults, f.name)
             section_types = typing.get_type_hints(tp)
+            primary = {v: k for k, v in getattr(tp, "ALIASES", {}).items()}
             for sf in dataclasses.fields(tp):
-                rows.append((f"{f.name}.{sf.name}", type_name(section_types[sf.name]), getattr(section, sf.name),
-                             sf.metadata.get("help", "")))
+                help_text = sf.metadata.get("help", "")
+                if sf.name in primary:
+                    help_text = f"{help_text} (alias: {f.name}.{sf.name})"
+                rows.append((f"{f.name}.{primary.get(sf.name, sf.name)}", type_name(section_types[sf.name]),
+                             getattr(section, sf.name), help_text))
         else:
             rows.append((f.name, type_name(tp), getattr(defaults, f.name), f.metadata.get("help", "")))
     return rows

@@ -9,7 +9,8 @@ as it is); see :mod:`.methods` and :mod:`.baselines`.
     baselines.py    the LoRA baselines: MaskedLoraVariant, the LoRA* re-mask
     methods.py      per method: prepare_model, save_adapter, read_method, load_trained, merge
     checkpoints.py  the run-settings record, resume from the newest complete checkpoint
-    trainer.py      TrainingArguments, train, TrainResult, the divergence guard
+    arguments.py    TrainingArguments from a TrainConfig, the checks of its pass-through `args`
+    trainer.py      train, TrainResult, the divergence guard
 
 Names are imported on first use (PEP 562), so ``from spp_peft.training import TrainConfig`` loads only
 ``config.py``, not transformers' Trainer or peft.
@@ -41,7 +42,7 @@ _PUBLIC = {
     "is_resume": "checkpoints",
     "last_checkpoint": "checkpoints",
     "TrainResult": "trainer",
-    "training_arguments": "trainer",
+    "training_arguments": "arguments",
     "train": "trainer",
 }
 # Internal names kept at their old path for the pipeline and the tests that use them.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 METHODS = ("spp", "lora_star", "masked_lora", "none")
 #: Methods that train an adapter.
@@ -77,7 +77,19 @@ class TrainConfig:
 
     ``alpha`` is ``spp_alpha`` for SPP and ``lora_alpha`` for the LoRA baselines, so ``s = alpha / r`` is the
     same scale for all (the paper: r=16, alpha=32, s=2).
+
+    In recipes and flags the keys that ``TrainingArguments`` also has go by its names (:attr:`ALIASES`:
+    ``learning_rate``, ``per_device_train_batch_size``, ...); the short field names stay accepted. ``args``
+    passes any other ``TrainingArguments`` field through (checked by :mod:`spp_peft.training.arguments`).
     """
+
+    #: ``{TrainingArguments name: field}``: the primary spelling in recipes and flags, the field the alias.
+    ALIASES: ClassVar[dict[str, str]] = {
+        "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+        "gradient_accumulation_steps": "grad_accum", "warmup_steps": "warmup", "lr_scheduler_type": "lr_scheduler",
+    }
+    #: Keys of a ``train:`` mapping that are neither fields nor aliases go into this field (checked later).
+    EXTRA_KEYS: ClassVar[str] = "args"
 
     r: int = field(default=16, metadata={"help": "SPP row groups / LoRA rank (paper: 16)."})
     alpha: float = field(default=32.0, metadata={"help": "spp_alpha / lora_alpha; scale s = alpha / r (paper: 32)."})
@@ -103,6 +115,11 @@ class TrainConfig:
     resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in the output folder."})
     seed: int = field(default=0, metadata={"help": "Seed of the adapter init and of the data order."})
     progress: bool = field(default=True, metadata={"help": "Show the Trainer's progress bar."})
+    args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Any other transformers.TrainingArguments field, passed through "
+                          "(e.g. {report_to: tensorboard, label_smoothing_factor: 0.1}); checked before any work."},
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,6 +150,10 @@ class TrainConfig:
                 raise ValueError(message)
         _check_choice("train.optim", self.optim, "adamw_torch", "transformers.training_args", "OptimizerNames")
         _check_choice("train.lr_scheduler", self.lr_scheduler, "linear", "transformers.trainer_utils", "SchedulerType")
+        if self.args:  # only then is transformers imported: a recipe without pass-through stays light
+            from .arguments import check_args
+
+            check_args(self)
 
     @property
     def scaling(self) -> float:

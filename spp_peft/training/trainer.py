@@ -7,7 +7,6 @@ stops a diverged run, and saves the adapter with its model card (:func:`~spp_pef
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -18,10 +17,11 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from spp_peft._utils import atomic_write_file, exclusive
 
+from .arguments import training_arguments
 from .checkpoints import ResumeFrom, _finished_state, _load_adapter_weights, _prepare_checkpoints, _run_identity
 from .config import TrainConfig, check_method
 from .dataset import TokenDataset, data_collator
@@ -66,43 +66,6 @@ class TrainResult:
             "final_loss": losses[-1][1] if losses else None,
             "losses": losses,
         }
-
-
-def training_arguments(cfg: TrainConfig, output_dir: Union[str, os.PathLike], lr: Optional[float] = None):
-    """``transformers.TrainingArguments`` for ``cfg`` (checkpoints go to ``output_dir``)."""
-    save = cfg.save_steps > 0
-    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; use what this version has.
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    checkpointing = {ckpt: cfg.gradient_checkpointing,
-                     f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None}
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr if lr is None else lr,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        warmup_steps=cfg.warmup if cfg.warmup < 1 else int(cfg.warmup),
-        weight_decay=cfg.weight_decay,
-        lr_scheduler_type=cfg.lr_scheduler,
-        optim=cfg.optim,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if save else "no",
-        save_steps=cfg.save_steps if save else 500,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        **checkpointing,
-        bf16=cfg.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        report_to="none",
-        remove_unused_columns=False,
-        disable_tqdm=not cfg.progress,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
 
 
 def train(
