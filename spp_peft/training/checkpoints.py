@@ -54,7 +54,9 @@ def _run_identity(method: str, cfg: TrainConfig, lr: float, dataset: TokenDatase
 def _comparable(record: dict, with_data_size: bool = True) -> dict:
     """``record`` without what a resume may change (records of older versions held the budget in ``train``)."""
     dropped = ("budget",) if with_data_size else ("budget", "examples", "tokens")
-    train = {k: v for k, v in (record.get("train") or {}).items() if k not in _VOLATILE}
+    # An empty TrainingArguments pass-through ("args": {}) is the same run as a record from before it existed.
+    train = {k: v for k, v in (record.get("train") or {}).items()
+             if k not in _VOLATILE and not (k == "args" and not v)}
     return {**{k: v for k, v in record.items() if k not in dropped}, "train": train}
 
 
