@@ -11,6 +11,7 @@ hub access. It is dequantized once and cached as safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -329,3 +330,26 @@ def bnb_config(settings: dict):
         if isinstance(values.get(name), str):
             values[name] = parse_dtype(values[name])
     return BitsAndBytesConfig(**values)
+
+
+@dataclasses.dataclass
+class QuantizationFlags:
+    """The common ``BitsAndBytesConfig`` settings as command-line flags (``spp-peft train --load-in-4bit``)."""
+
+    load_in_4bit: bool = dataclasses.field(default=False, metadata={"help": "Train on the model loaded 4-bit "
+                                           "(bitsandbytes, QLoRA-style); merge into the full-precision model."})
+    load_in_8bit: bool = dataclasses.field(default=False, metadata={"help": "Train on the model loaded 8-bit."})
+    bnb_4bit_quant_type: str = dataclasses.field(default="nf4", metadata={"help": "4-bit: nf4 or fp4."})
+    bnb_4bit_compute_dtype: str = dataclasses.field(default="float32", metadata={
+        "help": "4-bit: dtype of the dequantized weights in the matmuls (bfloat16 on GPUs)."})
+    bnb_4bit_use_double_quant: bool = dataclasses.field(default=False, metadata={
+        "help": "4-bit: quantize the block scales too (~0.4 bit/param less)."})
+
+    def settings(self) -> dict:
+        """The ``model.quantization`` dict these flags stand for (``{}``: full precision)."""
+        if self.load_in_8bit and not self.load_in_4bit:
+            return {"load_in_8bit": True}
+        if not self.load_in_4bit:
+            return {}
+        four = {k: v for k, v in dataclasses.asdict(self).items() if k.startswith("bnb_4bit")}
+        return {"load_in_4bit": True, "load_in_8bit": self.load_in_8bit, **four}

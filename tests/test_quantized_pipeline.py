@@ -103,3 +103,30 @@ def test_pipeline_reports_the_quantized_run_beside_full_precision(tiny_dir, tmp_
     table = format_table(results)
     assert "SPP on 4-bit base" in table and label("spp_8bit") == "SPP on 8-bit base"
     assert json.loads((out / "report.json").read_text())["training"]["spp_4bit"]["trained_on"]["base"] == "4bit"
+
+
+def test_cli_train_load_in_4bit_then_merge_into_full_precision(tmp_path):
+    from spp_peft import cli
+    from spp_peft.models import load_model as load
+
+    pruned = save_pruned_tiny(tmp_path / "pruned")
+    run_dir, merged = tmp_path / "spp", tmp_path / "merged"
+    assert cli.main(["train", "--model", str(pruned), "--method", "spp", "--data", "builtin", "--cutoff-len", "32",
+                     "--max-samples", "8", "--max-steps", "2", "--batch-size", "2", "--r", "4", "--lr", "2e-2",
+                     "--load-in-4bit", "--bnb-4bit-quant-type", "fp4", "--output", str(run_dir), "-q"]) == 0
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SPP"
+    assert cli.main(["merge", "--model", str(pruned), "--adapter", str(run_dir / "adapter"),
+                     "--output", str(merged)]) == 0
+    base, _ = load(str(pruned))
+    out, _ = load(str(merged))
+    for name, zeros in zero_masks(base).items():
+        assert torch.equal(zero_masks(out)[name], zeros), name
+
+
+def test_cli_train_refuses_both_bit_widths(tmp_path, capsys):
+    from spp_peft import cli
+
+    code = cli.main(["train", "--model", str(tmp_path), "--load-in-4bit", "--load-in-8bit",
+                     "--output", str(tmp_path / "o")])
+    assert code != 0 and "exactly one of load_in_4bit" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from spp_peft.cli.errors import EXIT_CODES_HELP
 from spp_peft.errors import RecipeError, quote
+from spp_peft.models import QuantizationFlags
 from spp_peft.recipe import EvalSection, PruningSection, build_dataclass, parse_value, type_name
 from spp_peft.training.config import METHODS, DataConfig, TrainConfig
 
@@ -147,6 +148,7 @@ def _add_train(add) -> None:
                   "Write into a non-empty --output (a rerun with the same settings resumes without it).")
     add_dataclass_flags(p, DataConfig, "data", rename={"source": "data"})
     add_dataclass_flags(p, TrainConfig, "train")
+    add_dataclass_flags(p, QuantizationFlags, "quantization")
     _quiet(p)
 
 
