@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("bitsandbytes")
 
 PRUNED_BLOCKS = (0, 1)
-TARGETS = rf"model\.layers\.({'|'.join(map(str, PRUNED_BLOCKS))})\.(self_attn|mlp)\.\w+_proj"
+TARGETS = [f"layers.{i}.{part}" for i in PRUNED_BLOCKS for part in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
 NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
 
 
