@@ -92,8 +92,8 @@ def pruned_model(name: str):
 def base_weight_bytes(model) -> int:
     """Bytes of every parameter, plus bitsandbytes' 4-bit quant states (absmax, nested absmax and code)."""
     total, seen = 0, set()
-    for p in model.parameters():
-        if id(p) in seen or p.requires_grad:
+    for p in model.parameters():  # before the adapter is added: every parameter is the base's
+        if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel() * p.element_size()
@@ -160,6 +160,7 @@ def measure(name: str, args) -> tuple[str, list[list], dict]:
         wall, cpu = median(times[setup]["wall"]), median(times[setup]["cpu"])
         torch_peak, rss = peak_bytes(steps[setup]), rss_peak_above(steps[setup])
         summary[setup] = dict(wall=wall, cpu=cpu, torch_peak=torch_peak or 0, rss=rss, weights=weights)
+        print(f"# {name} {setup}: {summary[setup]}", flush=True)
         rows.append([setup, f"{trainable:,}", f"{weights / 2**20:.1f}", f"{wall:.2f}", f"{cpu:.2f}",
                      f"{(torch_peak or 0) / 2**20:.0f}", f"{rss / 2**20:.0f}"])
     ref = summary["spp_16bit"]
