@@ -130,3 +130,11 @@ def test_cli_train_refuses_both_bit_widths(tmp_path, capsys):
     code = cli.main(["train", "--model", str(tmp_path), "--load-in-4bit", "--load-in-8bit",
                      "--output", str(tmp_path / "o")])
     assert code != 0 and "exactly one of load_in_4bit" in capsys.readouterr().err
+
+
+def test_the_qlora_demo_recipe_loads():
+    from pathlib import Path
+
+    recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "configs" / "qlora_smollm2.yaml"))
+    assert recipe.model.quantization["load_in_4bit"] and recipe.model.compare_full_precision
+    assert P.runner._variants(recipe) == [("spp", None), ("spp", "4bit")]
