@@ -11,6 +11,7 @@ hub access. It is dequantized once and cached as safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -251,20 +252,30 @@ def load_smollm2(
     return model.to(dtype).eval(), tokenizer
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, "object"]:
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
+               quantization: Optional[dict] = None) -> tuple[nn.Module, "object"]:
     """Load a causal LM and its tokenizer: the built-in SmolLM2 or a local HuggingFace folder.
 
     Args:
         name_or_path: ``"smollm2"`` / ``"builtin"`` for the built-in model, otherwise a local folder (or a
             hub id when network access is available) accepted by ``AutoModelForCausalLM.from_pretrained``.
-        dtype: parameter dtype.
+        dtype: parameter dtype (of the weights that stay unquantized, with ``quantization``).
+        quantization: ``transformers.BitsAndBytesConfig`` keys (:func:`bnb_config`): load the weights 4-bit or
+            8-bit with bitsandbytes, on CPU (``device_map="cpu"``) unless a GPU is there. Not for the built-in
+            alias: quantize a saved (pruned) folder, since pruning needs full precision.
     """
     if str(name_or_path).lower() in BUILTIN_ALIASES:
+        if quantization:
+            raise ValueError("a quantized load needs a model folder (prune the built-in model and save it first)")
         return load_smollm2(dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = {}
+    if quantization:
+        extra = {"quantization_config": bnb_config(quantization),
+                 "device_map": "cuda:0" if torch.cuda.is_available() else "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
         raise OSError(
@@ -272,3 +283,73 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[n
             f"(offline?). Use 'smollm2' for the built-in model. Cause: {err}"
         ) from err
     return model.eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------------ quantized loading
+
+#: The keys of ``transformers.BitsAndBytesConfig`` (kept here so that recipes are checked without importing
+#: transformers; a test compares it with transformers' signature).
+QUANTIZATION_KEYS = (
+    "load_in_8bit", "load_in_4bit", "llm_int8_threshold", "llm_int8_skip_modules",
+    "llm_int8_enable_fp32_cpu_offload", "llm_int8_has_fp16_weight", "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage",
+)
+QUANT_INSTALL = "pip install 'spp-peft[quant]'"
+
+
+def check_quantization(settings: Optional[dict], key: str = "model.quantization") -> Optional[str]:
+    """Check ``BitsAndBytesConfig`` settings before any work; returns ``"4bit"``, ``"8bit"`` or ``None`` (empty).
+
+    Raises:
+        ValueError: one line, for an unknown key, neither or both of ``load_in_4bit`` / ``load_in_8bit``,
+            or bitsandbytes missing (naming the extra that installs it).
+    """
+    if not settings:
+        return None
+    unknown = sorted(set(settings) - set(QUANTIZATION_KEYS))
+    if unknown:
+        raise ValueError(f"{key}: unknown key(s) {', '.join(unknown)}; BitsAndBytesConfig takes "
+                         f"{', '.join(QUANTIZATION_KEYS)}")
+    four, eight = bool(settings.get("load_in_4bit")), bool(settings.get("load_in_8bit"))
+    if four == eight:
+        raise ValueError(f"{key}: set exactly one of load_in_4bit: true or load_in_8bit: true")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{key}: a quantized base needs bitsandbytes: {QUANT_INSTALL}")
+    return "4bit" if four else "8bit"
+
+
+def bnb_config(settings: dict):
+    """``transformers.BitsAndBytesConfig(**settings)`` after :func:`check_quantization` (dtype names allowed)."""
+    from transformers import BitsAndBytesConfig
+
+    from spp_peft._utils import parse_dtype
+
+    check_quantization(settings)
+    values = dict(settings)
+    for name in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if isinstance(values.get(name), str):
+            values[name] = parse_dtype(values[name])
+    return BitsAndBytesConfig(**values)
+
+
+@dataclasses.dataclass
+class QuantizationFlags:
+    """The common ``BitsAndBytesConfig`` settings as command-line flags (``spp-peft train --load-in-4bit``)."""
+
+    load_in_4bit: bool = dataclasses.field(default=False, metadata={"help": "Train on the model loaded 4-bit "
+                                           "(bitsandbytes, QLoRA-style); merge into the full-precision model."})
+    load_in_8bit: bool = dataclasses.field(default=False, metadata={"help": "Train on the model loaded 8-bit."})
+    bnb_4bit_quant_type: str = dataclasses.field(default="nf4", metadata={"help": "4-bit: nf4 or fp4."})
+    bnb_4bit_compute_dtype: str = dataclasses.field(default="float32", metadata={
+        "help": "4-bit: dtype of the dequantized weights in the matmuls (bfloat16 on GPUs)."})
+    bnb_4bit_use_double_quant: bool = dataclasses.field(default=False, metadata={
+        "help": "4-bit: quantize the block scales too (~0.4 bit/param less)."})
+
+    def settings(self) -> dict:
+        """The ``model.quantization`` dict these flags stand for (``{}``: full precision)."""
+        if self.load_in_8bit and not self.load_in_4bit:
+            return {"load_in_8bit": True}
+        if not self.load_in_4bit:
+            return {}
+        four = {k: v for k, v in dataclasses.asdict(self).items() if k.startswith("bnb_4bit")}
+        return {"load_in_4bit": True, "load_in_8bit": self.load_in_8bit, **four}

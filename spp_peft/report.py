@@ -38,6 +38,9 @@ Results = Union[RunResults, Mapping[str, Any]]
 
 
 def label(name: str) -> str:
+    method, _, base = name.rpartition("_")
+    if method and base in ("4bit", "8bit"):  # a method trained on a quantized base (pipeline: f"{method}_{kind}")
+        return f"{label(method)} on {base[0]}-bit base"
     return METHOD_LABELS.get(name, name)
 
 

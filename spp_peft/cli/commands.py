@@ -62,12 +62,25 @@ def _output(path: str, overwrite: bool) -> Path:
         raise RecipeError(f"--output: {err}") from None
 
 
-def _load_model(path: str):
-    """The model and tokenizer of ``--model``; a truncated or broken file is an error naming it (exit 4)."""
+def _load_model(path: str, quantization=None):
+    """The model and tokenizer of ``--model`` (``quantization``: loaded 4-bit / 8-bit); a truncated or broken
+    file is an error naming it (exit 4)."""
     from spp_peft.models import load_model
 
     with reading(path, "--model"):
-        return load_model(path)
+        return load_model(path, quantization=quantization)
+
+
+def _quantization(args) -> dict:
+    """``--load-in-4bit`` / ``--load-in-8bit`` and their settings, checked before any work."""
+    from spp_peft.models import QuantizationFlags, check_quantization
+
+    settings = dataclass_from_flags(args, QuantizationFlags, "quantization").settings()
+    try:
+        check_quantization(settings, "--load-in-4bit/--load-in-8bit")
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    return settings
 
 
 def _load_merged(model, adapter: str):
@@ -114,6 +127,7 @@ def cmd_train(args, extra) -> int:
         cfg.validate()
     except ValueError as err:
         raise RecipeError(str(err)) from None
+    quantization = _quantization(args)
     check_model(args.model, "--model")
     check_source(data.source, "--data", "text" if data.format == "text" else "records")
     check_adapter_targets(model_skeleton(args.model), cfg.target_modules, "train.target_modules",
@@ -121,7 +135,7 @@ def cmd_train(args, extra) -> int:
     resume = args.resume_from_checkpoint
     _output(args.output, args.overwrite or is_resume(args.output, args.method, cfg, data=dataclasses.asdict(data),
                                                      resume_from_checkpoint=resume))
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = _load_model(args.model, quantization)
     dataset = build_dataset(tokenizer, data)
     peft_model = prepare_model(model, args.method, cfg)
     result = train(peft_model, tokenizer, args.method, dataset, cfg, args.output,

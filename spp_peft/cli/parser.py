@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from spp_peft.cli.errors import EXIT_CODES_HELP
 from spp_peft.errors import RecipeError, quote
+from spp_peft.models import QuantizationFlags
 from spp_peft.recipe import EvalSection, PruningSection, build_dataclass, field_type, parse_value, type_name
 from spp_peft.training.config import METHODS, DataConfig, TrainConfig
 
@@ -182,6 +183,7 @@ def _add_train(add) -> None:
     p.add_argument("--resume-from-checkpoint", "--resume_from_checkpoint", nargs="?", const=True, default=None,
                    metavar="PATH", help="Continue from the last checkpoint in --output (no value) or from PATH, "
                    "as Trainer's resume_from_checkpoint; a larger --max-steps continues a finished run.")
+    add_dataclass_flags(p, QuantizationFlags, "quantization")
     _quiet(p)
 
 

@@ -50,6 +50,8 @@ def settings_from_args(args: argparse.Namespace) -> list[EstimateSettings]:
     """
     values = {spec.name: getattr(args, spec.name) for spec in fields(EstimateSettings)}
     methods = METHODS if values["method"] == "all" else (values["method"],)
+    if values["method"] == "all" and values["quantization"] != "none":
+        methods = tuple(m for m in methods if m != "full")  # a quantized base is frozen: adapters only
     return [EstimateSettings(**{**values, "method": method}) for method in methods]
 
 

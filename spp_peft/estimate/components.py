@@ -32,6 +32,12 @@ the MLP width, ``V`` the vocabulary, ``L`` the decoder blocks):
   gradients, and the gradients backward produces first: those of the head / embeddings in full
   fine-tuning, or every gradient with ``grad_accumulation_steps > 1``) and the *optimizer step* (every
   gradient, plus one fp32 temporary per trainable parameter for the multi-tensor AdamW).
+* **quantized bases** (``quantization``, QLoRA-style, bitsandbytes as transformers applies it: every decoder
+  block linear, not the embeddings or the head): 4-bit weights take 0.5 byte per parameter plus one fp32
+  absmax per 64 weights (double quant: one byte per 64 and one fp32 per 256 of those); 8-bit take 1 byte plus
+  one fp32 scale per output row. Every forward and backward dequantizes one layer at a time into the
+  compute dtype (**dequantized weight**: the largest block linear); SPP's ``W * (1 + D)`` comes on top.
+  No autocast weight copies: the matmuls run in the compute dtype directly.
 * **runtime overhead**: ``overhead_gib`` (default 0): the CUDA context, cuBLAS workspaces and the
   allocator's fragmentation; budget 1-2 GiB per GPU.
 
@@ -109,8 +115,28 @@ def make_plan(settings: EstimateSettings) -> Plan:
 # ------------------------------------------------------------------------ alive for the whole step
 
 
+def _block_linear_params(plan: Plan) -> int:
+    return sum(o * n for block in plan.shape.block_linears for o, n in block.values())
+
+
+def quantized_linear_bytes(out_f: int, in_f: int, quantization: str, double_quant: bool = False) -> float:
+    """Bytes of one bitsandbytes-quantized ``(out, in)`` weight with its scales."""
+    n = out_f * in_f
+    if quantization == "8bit":
+        return n + 4 * out_f  # int8 codes + a fp32 scale per row
+    # absmax per block of 64; double quant: int8 absmax, a fp32 one per 256 of them, the 256-entry fp32 code
+    # table and the offset of each layer
+    scales = n / 64 + 4 * n / (64 * 256) + 1028 if double_quant else 4 * n / 64
+    return n / 2 + scales
+
+
 def weights(plan: Plan) -> int:
-    return plan.shape.total_params * plan.weight_bytes // plan.settings.shards
+    s = plan.settings
+    if s.quantization == "none":
+        return plan.shape.total_params * plan.weight_bytes // s.shards
+    quantized = sum(quantized_linear_bytes(o, n, s.quantization, s.double_quant)
+                    for block in plan.shape.block_linears for o, n in block.values())
+    return int(quantized) + (plan.shape.total_params - _block_linear_params(plan)) * plan.weight_bytes
 
 
 def fp32_master_weights(plan: Plan) -> Optional[int]:
@@ -199,12 +225,19 @@ def kernel_temporaries(plan: Plan) -> Optional[int]:
         (min(out_f, chunk) if chunk else out_f) * in_f for block in plan.targets for out_f, in_f in block)
 
 
+def dequantized_weight(plan: Plan) -> Optional[int]:
+    """A quantized base is dequantized one layer at a time (forward and backward): the largest block linear."""
+    if plan.settings.quantization == "none":
+        return None
+    return plan.compute_bytes * max(o * n for block in plan.shape.block_linears for o, n in block.values())
+
+
 def autocast_weight_copies(plan: Plan) -> Optional[int]:
     """Autocast casts every block linear's weight to the compute dtype and saves the copy for backward."""
-    if plan.settings.compute_torch_dtype == plan.settings.dtype:
+    s = plan.settings
+    if s.compute_torch_dtype == s.dtype or s.quantization != "none":
         return None
-    linear_params = sum(o * n for block in plan.shape.block_linears for o, n in block.values())
-    return linear_params * plan.compute_bytes
+    return _block_linear_params(plan) * plan.compute_bytes
 
 
 def gradients_at_backward(plan: Plan) -> int:
@@ -237,6 +270,7 @@ STATIC: tuple[tuple[str, Component], ...] = (
 )
 START_OF_BACKWARD: tuple[tuple[str, Component], ...] = (
     ("activations", activations), ("loss (logits)", loss_logits), ("SPP kernel temporaries", kernel_temporaries),
+    ("dequantized weight", dequantized_weight),
     ("autocast weight copies", autocast_weight_copies), ("gradients", gradients_at_backward),
 )
 OPTIMIZER_STEP: tuple[tuple[str, Component], ...] = (
@@ -258,6 +292,7 @@ def _record(plan: Plan) -> dict:
         targets=plan.n_targets if adapted else None, gradient_checkpointing=s.gradient_checkpointing,
         devices=s.devices, sharding=s.sharding, optimizer=s.optimizer, attention=s.attention,
         chunk_rows=s.chunk_rows, grad_accumulation_steps=s.grad_accumulation_steps,
+        quantization=s.quantization, double_quant=s.double_quant if s.quantization == "4bit" else None,
     )
 
 

@@ -13,7 +13,7 @@ GIB = 1024**3
 # not listed here follows them.
 _ORDER = ("weights", "fp32 master weights", "trainable parameters", "DDP gradient buckets", "optimizer states",
           "gathered parameters", "runtime overhead", "gradients", "activations", "loss (logits)",
-          "SPP kernel temporaries", "autocast weight copies", "optimizer temporaries")
+          "SPP kernel temporaries", "dequantized weight", "autocast weight copies", "optimizer temporaries")
 
 
 @dataclass
@@ -59,6 +59,14 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n else "0"
 
 
+def _weights_text(s: dict) -> str:
+    """The stored weights' format: the dtype, or the quantized blocks (the rest in the dtype)."""
+    kind = s.get("quantization", "none")
+    if kind in (None, "none"):
+        return s["dtype"]
+    return f"{kind}{' double-quant' if s.get('double_quant') else ''} block linears (rest {s['dtype']})"
+
+
 def format_estimate(estimates: Union[MemoryEstimate, Iterable[MemoryEstimate]]) -> str:
     """A plain-text table: one column per estimate, one row per memory component, then the total."""
     rows = [estimates] if isinstance(estimates, MemoryEstimate) else list(estimates)
@@ -67,7 +75,7 @@ def format_estimate(estimates: Union[MemoryEstimate, Iterable[MemoryEstimate]]) 
     s = rows[0].settings
     head = (
         f"Per-device memory estimate: {s['model']}, batch {s['batch_size']} x seq {s['seq_len']}, "
-        f"weights {s['dtype']}, compute {s['compute_dtype']}, {s['devices']} device(s), sharding {s['sharding']}, "
+        f"weights {_weights_text(s)}, compute {s['compute_dtype']}, {s['devices']} device(s), sharding {s['sharding']}, "
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, optimizer {s['optimizer']}"
     )
     names = [n for n in _ORDER if any(n in e.components for e in rows)]

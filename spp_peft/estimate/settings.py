@@ -15,9 +15,10 @@ import torch
 
 from spp_peft._utils import parse_dtype
 
-__all__ = ["EstimateSettings", "METHODS", "SHARDINGS", "OPTIMIZERS", "ATTENTIONS", "split_targets"]
+__all__ = ["EstimateSettings", "METHODS", "SHARDINGS", "OPTIMIZERS", "ATTENTIONS", "QUANTIZATIONS", "split_targets"]
 
 METHODS = ("spp", "lora", "full")
+QUANTIZATIONS = ("none", "4bit", "8bit")
 SHARDINGS = ("none", "fsdp", "zero3")
 OPTIMIZERS = ("adamw", "sgd")
 ATTENTIONS = ("sdpa", "eager")
@@ -75,6 +76,12 @@ class EstimateSettings:
     grad_accumulation_steps: int = field(default=1, metadata={
         "help": "micro-batches per optimizer step; above 1 every gradient stays alive through backward"})
     overhead_gib: float = field(default=0.0, metadata={"help": "fixed per-device runtime overhead to add"})
+    quantization: str = field(default="none", metadata={
+        "help": "frozen base of the decoder blocks' linears: none, 4bit (bitsandbytes NF4/FP4, QLoRA-style) or "
+                "8bit (LLM.int8); --dtype is then the other weights', --compute-dtype the matmuls'",
+        "choices": QUANTIZATIONS})
+    double_quant: bool = field(default=False, metadata={
+        "help": "4bit: quantize the block scales too (bnb_4bit_use_double_quant)"})
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -92,6 +99,9 @@ class EstimateSettings:
             raise ValueError(f"overhead_gib must be a finite number >= 0, got {self.overhead_gib!r}")
         if self.sharding != "none" and self.devices < 2:
             raise ValueError(f"sharding={self.sharding!r} needs devices >= 2")
+        if self.quantization != "none" and (self.method == "full" or self.sharding != "none"):
+            raise ValueError(f"quantization={self.quantization!r} is for adapters (spp, lora) on one device "
+                             f"or DDP, not method={self.method!r} with sharding={self.sharding!r}")
         self.dtype = parse_dtype(self.dtype)
         if self.compute_dtype is not None:
             self.compute_dtype = parse_dtype(self.compute_dtype)

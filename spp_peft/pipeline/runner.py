@@ -66,7 +66,8 @@ def run(
         logger.debug("run %s: recipe %s", recipe.name, json.dumps(recipe.to_dict()))
         base = _load_stage(current)
         _prune_stage(current, base)
-        failures = [failure for method in recipe.train.methods if (failure := _method_stage(current, base, method))]
+        failures = [failure for method, kind in _variants(recipe)
+                    if (failure := _method_stage(current, base, method, kind))]
         _report_stage(current)
     if failures:
         raise SparsityViolation("; ".join(failures))
@@ -95,7 +96,7 @@ class _Run:
             environment=environment(),
             budget=Budget.governing(train.max_steps, train.epochs, train.batch_size * train.grad_accum,
                                     recipe.data.cutoff_len))
-        self.steps = 4 + len([m for m in train.methods if m != "none"])
+        self.steps = 4 + len([m for m, _kind in _variants(recipe) if m != "none"])
 
     def headline(self, text: str) -> None:
         self.step += 1
@@ -174,39 +175,76 @@ def _prune_stage(current: _Run, base: _Base) -> None:
     current.results.add(pruned)
 
 
-def _method_stage(current: _Run, base: _Base, method: str) -> Optional[str]:
+def _variants(recipe: Recipe) -> list[tuple[str, Optional[str]]]:
+    """``(method, quantized kind or None)`` for every training of the run: with ``model.quantization`` each
+    method trains on the quantized base, and also on the full-precision one with ``compare_full_precision``."""
+    from spp_peft.models import check_quantization
+
+    kind = check_quantization(recipe.model.quantization)
+    methods = recipe.train.methods
+    if kind is None:
+        return [(m, None) for m in methods]
+    quantized = [(m, kind) for m in methods if m != "none"]
+    full = [(m, None) for m in methods] if recipe.model.compare_full_precision else []
+    return full + quantized if full else [(m, None) for m in methods if m == "none"] + quantized
+
+
+def _method_stage(current: _Run, base: _Base, method: str, kind: Optional[str] = None) -> Optional[str]:
     """Fine-tune, merge, verify, evaluate and (``export.methods``) export one method; returns the
-    verification failure, if any (the run goes on, so that the report shows every method)."""
+    verification failure, if any (the run goes on, so that the report shows every method).
+
+    ``kind`` ("4bit" / "8bit"): trained on the pruned model loaded quantized, then merged into the
+    full-precision pruned model (the QLoRA deployment); the row is ``f"{method}_{kind}"``."""
     results = current.results
     if method == "none":
         results.add(ModelResult("none", perplexity={ds: v["pruned"] for ds, v in results.perplexity.items()},
                                 sparsity=results.sparsity["pruned"],
                                 verified=Verification(True, len(base.layers), "the pruned model itself")))
         return None
-    from spp_peft.training import merge
-
-    peft_model, trained = _train(current, base, method)
-    with current.timed(f"merge+verify {method}"):
-        merged = merge(peft_model, method)
+    name = method if kind is None else f"{method}_{kind}"
+    peft_model, trained = _train(current, base, method, kind)
+    with current.timed(f"merge+verify {name}"):
+        merged = _merged(base, peft_model, method, kind, trained.adapter_dir)
         check = Verification.from_dict(verify(base.model, merged, base.layers))
     report = sparsity_report(merged, include=base.layers, expected_pattern=base.pattern).to_dict()
     if not check.ok:
-        logger.error("%s: %s", method, check.message)
-    result = _measure(current, base, method, merged)
+        logger.error("%s: %s", name, check.message)
+    result = _measure(current, base, name, merged)
     result.training, result.verified, result.sparsity = trained.summary(), check, report
+    result.training["trained_on"] = _base_description(current.recipe, kind)
     if method in current.recipe.export.methods and check.ok:
-        with current.timed(f"export {method}"):
-            path = export_merged(merged, base.tokenizer, current.out / "merged" / method, base.model, base.layers,
+        with current.timed(f"export {name}"):
+            path = export_merged(merged, base.tokenizer, current.out / "merged" / name, base.model, base.layers,
                                  method, base.pattern)
         result.export = str(path)
     results.add(result)
     del peft_model, merged, trained
     gc.collect()
-    return None if check.ok else f"{method}: {check.message}"
+    return None if check.ok else f"{name}: {check.message}"
 
 
-def _train(current: _Run, base: _Base, method: str):
-    """The trained PEFT model of ``method`` (on a copy of the base) and its ``TrainResult``."""
+def _base_description(recipe: Recipe, kind: Optional[str]) -> dict:
+    """Which base the adapter trained on, for the results (a quantized one is merged into full precision)."""
+    if kind is None:
+        return {"base": "full precision", "dtype": recipe.model.dtype}
+    return {"base": kind, "quantization": dict(recipe.model.quantization),
+            "merged_into": f"full-precision pruned model ({recipe.model.dtype})"}
+
+
+def _merged(base: _Base, peft_model, method: str, kind: Optional[str], adapter_dir) -> nn.Module:
+    """The merged model: in place, or (quantized ``kind``) the saved adapter merged into a copy of the
+    full-precision pruned model, as :func:`spp_peft.merge_into` does for SPP."""
+    from spp_peft.training import load_trained, merge
+
+    if kind is None:
+        return merge(peft_model, method)
+    full, _ = load_trained(copy.deepcopy(base.model), adapter_dir)
+    return merge(full, method)
+
+
+def _train(current: _Run, base: _Base, method: str, kind: Optional[str] = None):
+    """The trained PEFT model of ``method`` (on a copy of the base, or on the saved pruned model loaded
+    quantized) and its ``TrainResult``."""
     from spp_peft.training import build_dataset, prepare_model, train
 
     recipe = current.recipe
@@ -215,13 +253,27 @@ def _train(current: _Run, base: _Base, method: str):
             current.dataset = build_dataset(base.tokenizer, recipe.data)
         current.results.data = TrainingData(examples=len(current.dataset), tokens=current.dataset.num_tokens)
     lr = recipe.train.lr_for(method)
-    current.headline(f"fine-tuning {method} (lr {lr:g}), merging, verifying, evaluating")
+    name = method if kind is None else f"{method}_{kind}"
+    on = "" if kind is None else f" on the {kind} base"
+    current.headline(f"fine-tuning {method}{on} (lr {lr:g}), merging, verifying, evaluating")
     cfg = recipe.train.train_config()
-    with current.timed(f"train {method}"):
-        peft_model = prepare_model(copy.deepcopy(base.model), method, cfg)
-        trained = train(peft_model, base.tokenizer, method, current.dataset, cfg, current.out / method, lr=lr,
+    with current.timed(f"train {name}"):
+        model = copy.deepcopy(base.model) if kind is None else _quantized_base(current)
+        peft_model = prepare_model(model, method, cfg)
+        trained = train(peft_model, base.tokenizer, method, current.dataset, cfg, current.out / name, lr=lr,
                         data_description=dataclasses.asdict(recipe.data), overwrite=current.overwrite)
     return peft_model, trained
+
+
+def _quantized_base(current: _Run) -> nn.Module:
+    """The saved pruned model loaded quantized (pruning needs full precision, so it ran before)."""
+    from spp_peft.models import load_model
+    from spp_peft._utils import parse_dtype
+
+    model_section = current.recipe.model
+    model, _ = load_model(str(current.out / "pruned"), dtype=parse_dtype(model_section.dtype),
+                          quantization=model_section.quantization)
+    return model
 
 
 def _report_stage(current: _Run) -> None:

@@ -77,6 +77,7 @@ def validate(recipe: Recipe, check_paths: bool = True) -> None:
         raise RecipeError("output_dir must not be empty (the run would write into the current folder)")
     if recipe.model.dtype not in ("float32", "bfloat16", "float16"):
         raise RecipeError(f"model.dtype must be float32, bfloat16 or float16, got {quote(recipe.model.dtype)}")
+    _check_quantization(recipe)
     check_pruning(recipe.pruning)
     for section, validator in (("data", recipe.data.validate), ("train", recipe.train.validate)):
         try:
@@ -105,6 +106,21 @@ def _check_methods(recipe: Recipe) -> None:
     for m in recipe.export.methods:
         if m not in methods:
             raise RecipeError(f"export.methods: {quote(m)} is not in train.methods {quote(methods)}")
+
+
+def _check_quantization(recipe: Recipe) -> None:
+    """``model.quantization``: BitsAndBytesConfig keys, bitsandbytes there, a pruned folder to load quantized."""
+    from spp_peft.models import check_quantization
+
+    try:
+        kind = check_quantization(recipe.model.quantization)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    if kind and not recipe.export.save_pruned:
+        raise RecipeError("model.quantization: the quantized base is loaded from the saved pruned model; "
+                          "export.save_pruned must be true")
+    if recipe.model.compare_full_precision and not kind:
+        raise RecipeError("model.compare_full_precision: true needs a model.quantization to compare with")
 
 
 def _check_paths(recipe: Recipe) -> None:

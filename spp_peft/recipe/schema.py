@@ -26,6 +26,18 @@ class ModelSection:
         metadata={"help": "'smollm2' (the built-in SmolLM2-135M-Instruct), a local model folder, or a hub id."},
     )
     dtype: str = field(default="float32", metadata={"help": "Parameter dtype: float32, bfloat16 or float16."})
+    quantization: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "QLoRA-style: transformers.BitsAndBytesConfig keys, e.g. {load_in_4bit: true, "
+                          "bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype: bfloat16}. Pruning runs in full "
+                          "precision; the pruned model is loaded quantized for training, and the adapter is "
+                          "merged into the full-precision pruned model. {} = full precision throughout."},
+    )
+    compare_full_precision: bool = field(
+        default=False,
+        metadata={"help": "With quantization: also train each method on the full-precision base (report rows "
+                          "side by side)."},
+    )
 
 
 def _doc_attributes(cls) -> dict[str, str]:

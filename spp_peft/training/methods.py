@@ -54,8 +54,12 @@ def prepare_model(model: nn.Module, method: str, cfg: TrainConfig) -> nn.Module:
     if method == "none":
         return model
     # Importing peft registers SPP with it and installs the model-card hook (spp_peft/__init__.py).
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # A bitsandbytes base (QLoRA-style): PEFT's preparation (fp32 norms and head, input grads) works for
+        # SPP too; activation recomputation only when the config asks for it, as for full precision.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     torch.manual_seed(cfg.seed)
     peft_model = get_peft_model(model, peft_config(method, cfg))
     if method == "masked_lora":
