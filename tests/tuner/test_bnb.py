@@ -23,7 +23,7 @@ MODES = {
 }
 
 
-def quantized_base(tmp_path, mode: str):
+def quantized_base(tmp_path, mode: str, device: str = "cpu"):
     """The pruned tiny Llama saved in full precision and loaded back quantized, as users load a 7B model."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -33,7 +33,7 @@ def quantized_base(tmp_path, mode: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**MODES[mode]),
-                                                    device_map="cpu")
+                                                    device_map=device)
 
 
 def zeros_of(model):
@@ -135,3 +135,26 @@ def test_adapter_trained_on_4bit_merges_into_the_full_precision_pruned_base(tmp_
     other = prune_model_(build("llama"), "llama", "4:8")
     with pytest.raises(SparsityViolation, match="q_proj"):
         spp_peft.merge_into(other, str(tmp_path / "adapter"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", list(MODES))
+def test_qlora_style_spp_on_cuda(tmp_path, mode):
+    """The same on a GPU (run by `make gpu-check`): trains, merges into the quantized base keeping every zero."""
+    model = get_peft_model(quantized_base(tmp_path, mode, "cuda:0"),
+                           SPPConfig(target_modules=MODEL_TARGETS["llama"], r=4))
+    before = {n.removeprefix("base_model.model."): z.cpu() for n, z in zeros_of(model).items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    ids = inputs_for("llama", batch=4)["input_ids"].cuda()
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    merged = model.merge_and_unload()
+    after = {n: z.cpu() for n, z in zeros_of(merged).items()}
+    assert all(not (before[n] & ~after[n]).any() for n in before)
