@@ -197,17 +197,21 @@ while True:
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.01, 0.03, 0.07, 0.15, 0.3])
-def test_kill_9_mid_write_leaves_a_whole_version(tmp_path, delay):
-    target = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_WRITER, str(UTILS), str(target)], stdout=subprocess.PIPE,
-                            text=True)
+def _kill_when_writing(command: list, delay: float, **popen) -> None:
+    """Start a writer that prints "ready" and then writes in a loop; kill -9 it ``delay`` seconds later."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, **popen)
     try:
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.03, 0.07, 0.15, 0.3])
+def test_kill_9_mid_write_leaves_a_whole_version(tmp_path, delay):
+    target = tmp_path / "out"
+    _kill_when_writing([sys.executable, "-c", KILL_WRITER, str(UTILS), str(target)], delay)
     if not U.can_exchange():  # two renames: the killed writer may have left the old folder moved aside
         U.clean_stale(target)
     before = assert_complete(target)
@@ -247,14 +251,7 @@ def test_kill_9_while_saving_a_real_adapter(tmp_path):
     target = tmp_path / "adapter"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for delay in (0.05,):  # the loop does nothing but save: the kill lands inside one (more delays: above)
-        proc = subprocess.Popen([sys.executable, "-c", ADAPTER_WRITER, str(ROOT), str(target)], stdout=subprocess.PIPE,
-                                text=True, env=env, cwd=ROOT)
-        try:
-            assert proc.stdout.readline().strip() == "ready"
-            time.sleep(delay)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        _kill_when_writing([sys.executable, "-c", ADAPTER_WRITER, str(ROOT), str(target)], delay, env=env, cwd=ROOT)
         config = json.loads((target / "adapter_config.json").read_text())
         info = json.loads((target / T.METHOD_FILE).read_text())
         weights = load_file(str(target / "adapter_model.safetensors"))

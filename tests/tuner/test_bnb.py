@@ -42,9 +42,9 @@ def zeros_of(model):
             if not n.endswith(".base_layer") and quantized_kind(getattr(m, "base_layer", m))}
 
 
-def _train(model, steps=6, lr=5e-2):
+def _train(model, steps=6, lr=5e-2, device="cpu"):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    ids = inputs_for("llama", batch=4)["input_ids"]
+    ids = inputs_for("llama", batch=4)["input_ids"].to(device)
     losses = []
     model.train()
     for _ in range(steps):
@@ -145,15 +145,7 @@ def test_qlora_style_spp_on_cuda(tmp_path, mode):
     model = get_peft_model(quantized_base(tmp_path, mode, "cuda:0"),
                            SPPConfig(target_modules=MODEL_TARGETS["llama"], r=4))
     before = {n.removeprefix("base_model.model."): z.cpu() for n, z in zeros_of(model).items()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    ids = inputs_for("llama", batch=4)["input_ids"].cuda()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train(model, device="cuda:0")
     assert losses[-1] < losses[0]
     merged = model.merge_and_unload()
     after = {n: z.cpu() for n, z in zeros_of(merged).items()}
