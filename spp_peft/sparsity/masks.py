@@ -195,7 +195,8 @@ def compare_zero_sets(zeros_before: torch.Tensor, weight_after: torch.Tensor) ->
 
 
 def zero_set_change(
-    weight_before: torch.Tensor, weight_after: torch.Tensor, zeros_cannot_fill: bool = False
+    weight_before: torch.Tensor, weight_after: torch.Tensor, zeros_cannot_fill: bool = False,
+    zeros_before: Optional[int] = None,
 ) -> ZeroSetChange:
     """How the zero set changed from ``weight_before`` to ``weight_after`` (same layout).
 
@@ -203,10 +204,12 @@ def zero_set_change(
     ``weight_before`` can be non-zero in ``weight_after`` (SPP's ``W * (1 + D)`` with a finite ``D``:
     ``0 * finite = 0``). The check then reads each weight once, counting non-zeros: no boolean masks, no
     element-wise comparison. Counts that contradict the guarantee (more non-zeros after than before) fall
-    back to the full element-wise comparison, as does ``zeros_cannot_fill=False``.
+    back to the full element-wise comparison, as does ``zeros_cannot_fill=False``. ``zeros_before``, when the
+    caller already counted them (from the mask it just verified), saves reading ``weight_before`` again.
     """
     if zeros_cannot_fill:
-        zeros_before = weight_before.numel() - int(torch.count_nonzero(weight_before))
+        if zeros_before is None:
+            zeros_before = weight_before.numel() - int(torch.count_nonzero(weight_before))
         zeros_after = weight_after.numel() - int(torch.count_nonzero(weight_after))
         if zeros_after >= zeros_before:
             return ZeroSetChange(filled=0, new_zeros=zeros_after - zeros_before)

@@ -56,6 +56,8 @@ class SPPLayer(BaseTunerLayer):
         self.sparsity_check: dict[str, str] = {}
         self.chunk_rows: Optional[int] = kwargs.get("chunk_rows")
         self.mask_record: Optional[MaskRecord] = None
+        # Set by SPPModel between checking every layer's merge and merging them (see _planned_merge).
+        self._merge_prechecked = False
 
         base = self.get_base_layer()
         if not is_linear_like(base):
@@ -181,21 +183,26 @@ class SPPLayer(BaseTunerLayer):
         """The strictest integrity policy among ``adapters`` (each adapter keeps its own)."""
         return min((self.sparsity_check.get(a, "strict") for a in adapters), key=CHECK_MODES.index)
 
-    def verify_base_mask(self) -> None:
+    def verify_base_mask(self) -> Optional[int]:
         """Raise unless the (unmerged) base weight still has the zero mask recorded at injection: whatever wrote
-        into the base since then (a loader, user code), the adapter no longer matches it."""
+        into the base since then (a loader, user code), the adapter no longer matches it. Returns the number of
+        zeros (counted on the mask just checked, so the zero-set check need not read the weight again), or
+        None when there is nothing to verify."""
         if self.mask_record is None or self.merged:
-            return
+            return None
         weight = as_out_in(self._dense_weight().detach(), self.fan_in_fan_out)
-        if mask_fingerprint(zero_mask(weight)) != self.mask_record.fingerprint:
+        zeros = zero_mask(weight)
+        if mask_fingerprint(zeros) != self.mask_record.fingerprint:
             actual = describe_mask(weight)
             raise SparsityViolation(
                 f"module '{self.spp_module_name}': the base weight's zero mask changed since the adapter was attached "
                 f"(sparsity {self.mask_record.sparsity:.2%} -> {actual.sparsity:.2%}); refusing to merge, the model "
                 "is unchanged"
             )
+        return int(zeros.sum())
 
-    def _checked(self, new_weight: torch.Tensor, action: str, safe: bool, adapters: list[str], emit: bool):
+    def _checked(self, new_weight: torch.Tensor, action: str, safe: bool, adapters: list[str], emit: bool,
+                 zeros_before: Optional[int] = None):
         """What to write for ``new_weight`` (see :meth:`_store`), after the finiteness (``safe``) and zero-set
         checks of what the base would then hold. ``adapters`` produced it. Nothing is written here."""
         stored = self._store(new_weight)
@@ -208,7 +215,8 @@ class SPPLayer(BaseTunerLayer):
         mode = self._check_mode(adapters)
         if mode != "off":
             before = self._dense_weight().detach()
-            change = zero_set_change(before, new_weight, self._factor_is_finite(adapters) and stored is new_weight)
+            change = zero_set_change(before, new_weight, self._factor_is_finite(adapters) and stored is new_weight,
+                                     zeros_before)
             self.last_zero_set_change = change
             message = enforce_zero_set(self.spp_module_name, change, mode, action)
             if message and emit:
@@ -221,10 +229,15 @@ class SPPLayer(BaseTunerLayer):
         to_merge = [a for a in adapter_names if a in self.spp_A and a not in self.merged_adapters]
         if not to_merge:
             return [], None
-        self.verify_base_mask()
         merged = [a for a in self.merged_adapters if a in self.spp_A]
+        if self._merge_prechecked:
+            # The model checked this very merge of every layer a moment ago (all-or-nothing): the result is
+            # deterministic, so compute and store it without checking it twice.
+            weight, _ = self._reweighted(self._dense_weight(), merged, merged + to_merge)
+            return to_merge, self._store(weight)
+        zeros_before = self.verify_base_mask()
         weight, _ = self._reweighted(self._dense_weight(), merged, merged + to_merge)
-        return to_merge, self._checked(weight, "merge", safe_merge, merged + to_merge, emit)
+        return to_merge, self._checked(weight, "merge", safe_merge, merged + to_merge, emit, zeros_before)
 
     def _planned_unmerge(self, emit: bool) -> Optional[torch.Tensor]:
         merged = [a for a in self.merged_adapters if a in self.spp_A]
@@ -238,9 +251,11 @@ class SPPLayer(BaseTunerLayer):
             )
         return self._checked(weight, "unmerge", False, merged, emit)
 
-    def check_merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Raise exactly as :meth:`merge` would, without writing anything (lets a model merge all-or-nothing)."""
-        self._planned_merge(safe_merge, adapter_names, emit=False)
+    def check_merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
+                    emit: bool = False) -> None:
+        """Raise exactly as :meth:`merge` would, without writing anything (lets a model merge all-or-nothing);
+        ``emit``: also give the warnings the merge would give."""
+        self._planned_merge(safe_merge, adapter_names, emit=emit)
 
     def check_unmerge(self) -> None:
         """Raise exactly as :meth:`unmerge` would, without writing anything."""

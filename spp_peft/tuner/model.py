@@ -227,9 +227,8 @@ class SPPModel(BaseTuner):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """PEFT's ``merge_adapter``, all-or-nothing: every layer's merge is checked before any is written."""
         self._check_merge_allowed()
-        for layer in self.spp_layers().values():
-            layer.check_merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        with self._checked_merge(safe_merge, adapter_names):
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """PEFT's ``unmerge_adapter``, all-or-nothing."""
@@ -241,17 +240,31 @@ class SPPModel(BaseTuner):
                                      adapter_names: Optional[list[str]] = None):
         # merge_and_unload replaces each layer right after merging it, so a refusal in layer 14 would leave 13
         # merged and unloaded; checking every layer first makes a refusal leave the model exactly as it was.
-        report = None
-        if merge:
-            self._check_merge_allowed()
-            for layer in self.spp_layers().values():
-                layer.check_merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        if not merge:
+            return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        self._check_merge_allowed()
+        with self._checked_merge(safe_merge, adapter_names):
             report = self.merge_report()
-        model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-                                                     adapter_names=adapter_names)
+            model = super()._unload_and_optionally_merge(merge=True, progressbar=progressbar, safe_merge=safe_merge,
+                                                         adapter_names=adapter_names)
         if report:
             model.spp_merge_report = report
         return model
+
+    @contextmanager
+    def _checked_merge(self, safe_merge: bool, adapter_names: Optional[list[str]]):
+        """Check every layer's merge (raising before anything is written), then let the layers merge without
+        checking the same, deterministic result a second time."""
+        layers = list(self.spp_layers().values())
+        for layer in layers:
+            layer.check_merge(safe_merge=safe_merge, adapter_names=adapter_names, emit=True)
+        for layer in layers:
+            layer._merge_prechecked = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._merge_prechecked = False
 
     def merge_report(self) -> dict[str, int]:
         """``{module: weights that became exact zeros}`` for the last merge checked, where any did (quantized
