@@ -28,7 +28,7 @@ sys.path.insert(0, HERE)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def elementwise_zero_set_change(weight_before, weight_after, zeros_cannot_fill=False):
+def elementwise_zero_set_change(weight_before, weight_after, zeros_cannot_fill=False, zeros_before=None):
     """The zero-set check without the proof-based shortcut: always the full element-wise comparison
     (what ``zero_set_change`` falls back to). Measured as ``spp_elementwise_check``."""
     from spp_peft.sparsity import compare_zero_sets, zero_mask
