@@ -148,9 +148,7 @@ class QuantizedLinear(Linear):
             base.state.SCB = stored.SCB
         guard_cpu_repacking(base)
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
+    def _base_compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         compute = getattr(self.get_base_layer(), "compute_dtype", None)
         return compute if compute is not None and compute.is_floating_point else x.dtype
 

@@ -317,6 +317,10 @@ class Linear(nn.Module, SPPLayer):
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
+        return self._base_compute_dtype(x)
+
+    def _base_compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the base computes in outside autocast (a quantized base: its compute dtype)."""
         return self.get_base_layer().weight.dtype
 
     def _kernel_weight(self, dtype: torch.dtype):
